@@ -1,0 +1,183 @@
+"""Stateless registration maths: warp, integrate, compose, resize, resample.
+
+The contract, stated once for the whole package:
+
+* Arrays are channels-last. Images are ``(B, X, Y, Z, C)``; displacement fields are
+  ``(B, X, Y, Z, 3)`` in **voxels** of the grid they live on, channel ``i`` along array axis ``i``.
+* Warping pulls: ``warped(x) = moving(x + u(x))``, trilinear, with every out-of-volume corner
+  sample counting as 0 (so half a voxel past the edge gives half the edge value). This equals
+  PyTorch ``grid_sample(align_corners=True, padding_mode="zeros")`` as the reference uses it and
+  ``jax.scipy.ndimage.map_coordinates(order=1, mode="constant")``.
+* Resizing maps corners to corners (``align_corners=True``): index ``i`` of an ``n``-voxel axis sits
+  at ``i * (m - 1) / (n - 1)`` on an ``m``-voxel axis covering the same extent.
+
+Every function here works under ``jit``, ``grad`` and ``vmap``; ``resize`` also takes numpy arrays
+and then runs in numpy (the data pipeline uses it outside JAX).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def identity_grid(shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    """Voxel coordinates of a grid, ``(*shape, ndim)``; the identity map."""
+    axes = [jnp.arange(n, dtype=dtype) for n in shape]
+    return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def _sample_linear(volume_NxC, shape, coords_Px3):
+    """Trilinear samples of a flattened ``(N, C)`` volume at ``(P, 3)`` voxel coordinates."""
+    lo = jnp.floor(coords_Px3)
+    frac = coords_Px3 - lo
+    lo = lo.astype(jnp.int32)
+    sizes = jnp.asarray(shape, jnp.int32)
+    strides = jnp.asarray([shape[1] * shape[2], shape[2], 1], jnp.int32)
+    out = 0.0
+    for corner in range(8):
+        offset = jnp.asarray([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], jnp.int32)
+        idx = lo + offset
+        weight = jnp.prod(jnp.where(offset == 1, frac, 1.0 - frac), axis=-1)
+        valid = jnp.all((idx >= 0) & (idx < sizes), axis=-1)
+        flat = jnp.sum(jnp.clip(idx, 0, sizes - 1) * strides, axis=-1)
+        weight = jnp.where(valid, weight, 0.0)
+        out = out + weight[:, None] * jnp.take(volume_NxC, flat, axis=0)
+    return out
+
+
+def _sample_nearest(volume_NxC, shape, coords_Px3):
+    """Nearest-voxel samples (round half up, as SciPy's order 0), zero outside."""
+    idx = jnp.floor(coords_Px3 + 0.5).astype(jnp.int32)
+    sizes = jnp.asarray(shape, jnp.int32)
+    valid = jnp.all((idx >= 0) & (idx < sizes), axis=-1)
+    strides = jnp.asarray([shape[1] * shape[2], shape[2], 1], jnp.int32)
+    flat = jnp.sum(jnp.clip(idx, 0, sizes - 1) * strides, axis=-1)
+    vals = jnp.take(volume_NxC, flat, axis=0)
+    return jnp.where(valid[:, None], vals, jnp.zeros((), vals.dtype))
+
+
+def sample(volume, coords, order: int = 1):
+    """Samples ``volume (B, X, Y, Z, C)`` at absolute voxel ``coords (B, *S, 3)``, zero outside.
+
+    ``order=1`` is trilinear, ``order=0`` nearest (labels keep their dtype). The output grid
+    ``S`` may differ from the volume's grid.
+    """
+    if volume.ndim != 5 or coords.shape[-1] != 3 or coords.shape[0] != volume.shape[0]:
+        raise ValueError(f"sample: volume {volume.shape} must be (B,X,Y,Z,C) and coords "
+                         f"{coords.shape} (B,...,3) with the same batch")
+    shape = volume.shape[1:4]
+    out_shape = coords.shape[1:-1]
+    fn = _sample_linear if order == 1 else _sample_nearest
+    if order not in (0, 1):
+        raise ValueError(f"sample: order must be 0 or 1, got {order}")
+
+    def one(vol, crd):
+        res = fn(vol.reshape(-1, vol.shape[-1]), shape, crd.reshape(-1, 3))
+        return res.reshape(*out_shape, vol.shape[-1])
+
+    return jax.vmap(one)(volume, coords.astype(jnp.float32))
+
+
+def warp(image, flow, order: int = 1):
+    """``warped(x) = image(x + flow(x))``: image ``(B,X,Y,Z,C)``, flow ``(B,X,Y,Z,3)`` voxels."""
+    if flow.shape[:4] != image.shape[:4] or flow.shape[-1] != 3:
+        raise ValueError(f"warp: flow {flow.shape} must be (B,X,Y,Z,3) on the image grid "
+                         f"{image.shape}")
+    return sample(image, identity_grid(flow.shape[1:4], flow.dtype)[None] + flow, order)
+
+
+def compose(u, w):
+    """``u(x + w(x)) + w(x)``: the increment ``w`` is applied first (reference's composition)."""
+    return warp(u, w) + w
+
+
+def integrate(velocity, steps: int = 7):
+    """Scaling and squaring: ``v / 2**steps``, then ``steps`` times ``u <- u + u(x + u)``."""
+    u = velocity / (2.0 ** steps)
+    for _ in range(steps):
+        u = u + warp(u, u)
+    return u
+
+
+def _xp(x):
+    return np if isinstance(x, np.ndarray) else jnp
+
+
+def _linear_axis(x, axis: int, n_out: int):
+    """Align-corners linear interpolation of one axis to ``n_out`` samples."""
+    xp = _xp(x)
+    n_in = x.shape[axis]
+    if n_in == n_out:
+        return x
+    if n_in == 1:
+        return xp.repeat(x, n_out, axis=axis)
+    pos = np.linspace(0.0, n_in - 1.0, n_out) if n_out > 1 else np.zeros(1)
+    lo = np.clip(np.floor(pos).astype(np.int64), 0, n_in - 2)
+    frac = (pos - lo).astype(np.float32)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    frac = frac.reshape(shape)
+    a = xp.take(x, lo, axis=axis)
+    b = xp.take(x, lo + 1, axis=axis)
+    return a * (1.0 - frac) + b * frac
+
+
+def _nearest_axis(x, axis: int, n_out: int):
+    """PyTorch's legacy ``mode='nearest'``: source index ``floor(i * n_in / n_out)``."""
+    xp = _xp(x)
+    n_in = x.shape[axis]
+    src = np.minimum(np.floor(np.arange(n_out) * (n_in / n_out)).astype(np.int64), n_in - 1)
+    return xp.take(x, src, axis=axis)
+
+
+def resize(volume, shape: Sequence[int], order: int = 1):
+    """Resizes the three spatial axes of ``volume (B,X,Y,Z,C)`` to ``shape``.
+
+    ``order=1``: align-corners trilinear (``F.interpolate(mode='trilinear', align_corners=True)``),
+    computed separably, which is exact for trilinear interpolation. ``order=0``: the reference's
+    legacy nearest for labels (``src = floor(dst * in / out)``), dtype kept. numpy in, numpy out.
+    ``jax.image.resize`` is *not* equivalent: it uses half-pixel centres.
+    """
+    if volume.ndim != 5:
+        raise ValueError(f"resize: expected (B,X,Y,Z,C), got shape {volume.shape}")
+    if len(shape) != 3:
+        raise ValueError(f"resize: target shape must have 3 entries, got {shape}")
+    fn = {0: _nearest_axis, 1: _linear_axis}[order]
+    out = volume
+    for axis, n in zip((1, 2, 3), shape):
+        out = fn(out, axis, int(n))
+    return out
+
+
+def upsample_flow(flow):
+    """x2 per axis, align-corners trilinear, magnitude doubled (the RDP level change)."""
+    return 2.0 * resize(flow, [2 * n for n in flow.shape[1:4]], order=1)
+
+
+def resample_flow(flow, shape: Sequence[int], moving_shape: Sequence[int] | None = None):
+    """Expresses a field predicted on one grid on another grid covering the same extent.
+
+    ``flow (B,X,Y,Z,3)`` maps grid point ``x`` to ``x + flow(x)`` on its own grid (the network
+    grid, where fixed and moving were both resized to the same shape). The result lives on the
+    fixed image's original grid ``shape`` and, in its voxels, points into the moving image's
+    original grid ``moving_shape`` (default: ``shape``): ``moving_orig(y + d(y))`` is the
+    correspondence the network found for fixed voxel ``y``. Grids are related by align-corners
+    scaling, as ``resize`` relates them. For equal shapes this is the Learn2Reg convention.
+    """
+    net_shape = np.asarray(flow.shape[1:4], np.float64)
+    shape = tuple(int(n) for n in shape)
+    moving_shape = shape if moving_shape is None else tuple(int(n) for n in moving_shape)
+    fixed_scale = (np.asarray(shape) - 1.0) / np.maximum(net_shape - 1.0, 1.0)
+    moving_scale = (np.asarray(moving_shape) - 1.0) / np.maximum(net_shape - 1.0, 1.0)
+    flow_up = resize(flow, shape, order=1)
+    xp = _xp(flow)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape],
+                                indexing="ij"), axis=-1)[None]
+    # Network-grid position of each fixed voxel, then where it lands in the moving original.
+    net_pos = grid / fixed_scale.astype(np.float32)
+    moving_pos = (net_pos + flow_up) * moving_scale.astype(np.float32)
+    return xp.asarray(moving_pos - grid, dtype=flow.dtype)
