@@ -9,5 +9,7 @@ from promptreg_jax.warp import (compose, identity_grid, integrate, resample_flow
                                 sample, upsample_flow, warp)
 from promptreg_jax.losses import (mind_loss, mind_ssc, orthogonality_loss, smoothness_loss,
                                   task_similarity_loss)
+from promptreg_jax.metrics import (dice, dsc30, fraction_nonpositive_jacobian, hd95,
+                                   jacobian_determinant, sdlogj)
 
 __version__ = "0.1.0"
