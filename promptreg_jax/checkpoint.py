@@ -1,0 +1,133 @@
+"""Checkpoints: train state, grain iterator state and run metadata in one orbax step folder.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a run killed
+mid-write leaves the previous checkpoint intact. A checkpoint that still fails to read (truncated
+or corrupted files) is skipped with a warning and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+try:  # grain's orbax handler saves the data iterator's position beside the state.
+    import grain
+
+    _GRAIN_SAVE, _GRAIN_RESTORE = grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
+except (ImportError, AttributeError):  # pragma: no cover - grain is a dependency
+    _GRAIN_SAVE = _GRAIN_RESTORE = None
+
+log = logging.getLogger(__name__)
+
+# Model settings that must agree between a checkpoint and the config restoring it.
+COMPAT_KEYS = ("name", "channels", "num_tasks", "use_prompt", "prompt_head", "image_size")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or belongs to an incompatible configuration."""
+
+
+def _manager(directory, max_to_keep=None, items=("state", "data", "meta")):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=items)
+
+
+class Checkpointer:
+    """Saves and restores ``{"state", "data", "meta"}`` under ``workdir/checkpoints``."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
+        self.directory = pathlib.Path(directory).absolute()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create checkpoint folder {self.directory}: {e.strerror}")
+        if not os.access(self.directory, os.W_OK):
+            raise CheckpointError(f"checkpoint folder {self.directory} is not writable")
+        self.manager = _manager(self.directory, max_to_keep)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict, data_iterator=None) -> None:
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iterator is not None and _GRAIN_SAVE is not None:
+            items["data"] = _GRAIN_SAVE(data_iterator)
+        self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, data_iterator=None):
+        """Restores the newest readable checkpoint: ``(state, meta, step)`` or ``None``."""
+        for step in reversed(self.all_steps()):
+            items = {"state": ocp.args.StandardRestore(abstract_state),
+                     "meta": ocp.args.JsonRestore()}
+            if data_iterator is not None and _GRAIN_RESTORE is not None:
+                items["data"] = _GRAIN_RESTORE(data_iterator)
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 - any read failure means "try an older one"
+                log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
+                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                continue
+            return out["state"], out["meta"], step
+        return None
+
+    def close(self):
+        self.manager.close()
+
+
+def find_checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
+    """Accepts a workdir, its ``checkpoints`` folder, or one step folder."""
+    path = pathlib.Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    return path
+
+
+def load_params(path: str | os.PathLike):
+    """Loads ``(params, meta, step)`` from the newest readable checkpoint under ``path``.
+
+    ``meta`` holds the model settings (``meta["model"]``) needed to rebuild the network.
+    """
+    directory = find_checkpoint_dir(path)
+    step_dir = None
+    if (directory / "state").is_dir() and (directory / "meta").is_dir():
+        step_dir, directory = directory, directory.parent
+    manager = _manager(directory)
+    steps = [int(step_dir.name)] if step_dir is not None else sorted(manager.all_steps())[::-1]
+    if not steps:
+        raise CheckpointError(f"no checkpoint found under {directory}; train first with "
+                              f"python -m promptreg_jax.train --config ... --workdir DIR")
+    for step in steps:
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001
+            log.warning("checkpoint step %d under %s is unreadable (%s); trying an older one",
+                        step, directory, type(e).__name__)
+            continue
+        params = jax.tree.map(np.asarray, out["state"]["params"])
+        return params, out["meta"], step
+    raise CheckpointError(f"no readable checkpoint under {directory}")
+
+
+def check_compatible(meta: dict, model_settings: dict, source: str) -> None:
+    """Raises a clear error when a checkpoint's model settings differ from the config's."""
+    saved = meta.get("model", {})
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {model_settings.get(k)!r}"
+             for k in COMPAT_KEYS
+             if k in saved and k in model_settings
+             and json.dumps(saved[k]) != json.dumps(model_settings[k])]
+    if diffs:
+        raise CheckpointError(f"checkpoint {source} was trained with an incompatible model ("
+                              + "; ".join(diffs) + "); use a matching config or another workdir")

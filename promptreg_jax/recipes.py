@@ -1,0 +1,88 @@
+"""Config pieces shared by the files in ``configs/``: the paper's recipe and the real domains.
+
+Each config file builds on ``base_config()`` and changes what its experiment changes, so a
+config shows every hyperparameter and where it departs from the paper.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The five domains of the paper, in the authors' task order (SPEC section 5). Roots are folder
+# names under config.data.root (or $PROMPTREG_DATA_ROOT), in the authors' CSV layout
+# (<root>/<Task>/csv/train.csv, test.csv); set `reader` and `root` per domain for other layouts.
+REAL_DOMAINS = (
+    dict(name="Abdominal", modality="ct", reader="csv", root="Abdominal", num_classes=5),
+    dict(name="Brain", modality="mr", reader="csv", root="Brain", num_classes=36),
+    dict(name="Hippocampus", modality="mr", reader="csv", root="Hippocampus", num_classes=3),
+    dict(name="Cardiac", modality="mr", reader="csv", root="Cardiac", num_classes=4),
+    dict(name="Hip", modality="ct", reader="csv", root="Hip", num_classes=4),
+)
+
+
+def real_domains(held_out: str | None = None) -> list[dict]:
+    """The five real domains; ``held_out`` names one to leave out of training (zero-shot)."""
+    names = [d["name"].lower() for d in REAL_DOMAINS]
+    if held_out is not None and held_out.lower() not in names:
+        raise ValueError(f"unknown domain {held_out!r} to hold out; choose one of "
+                         f"{[d['name'] for d in REAL_DOMAINS]}")
+    return [dict(d, held_out=(held_out is not None and d["name"].lower() == held_out.lower()))
+            for d in REAL_DOMAINS]
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The paper's recipe (SPEC section 0, "paper" column) on the five real data sets."""
+    c = ml_collections.ConfigDict()
+    c.seed = 42                       # model init and data order
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "promptreg"        # "promptreg" or "voxelmorph"
+    c.model.channels = 16             # c: encoder widths c, 2c, 4c, 8c
+    c.model.use_prompt = True         # False: plain RDP (the paper's "w/o RPG")
+    c.model.prompt_head = "spatial"   # "spatial" (paper) or "pooled_attention" (authors' code)
+    c.model.temperature = 0.1         # softmax temperature tau of the prompt weights
+    c.model.schedule = (2, 2, 3, 1)   # flow estimates per level, 1/8 -> full resolution
+    c.model.int_steps = 7             # scaling-and-squaring steps per velocity
+    c.model.conv_impl = "auto"        # "auto", "native" (cuDNN/TPU) or "depth_sum" (fast on CPU)
+    c.model.dtype = "float32"         # compute dtype: "float32" or "bfloat16" (params stay f32)
+    c.model.remat = False             # rematerialise each decoder level (less memory)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = ""                  # folder holding the domain folders; "" -> $PROMPTREG_DATA_ROOT
+    c.data.domains = real_domains()   # training domains get task ids 0..Z-1 in this order
+    c.data.image_size = (160, 160, 160)
+    c.data.norm_mode = "paper"        # "paper" or "reference" intensity windows (SPEC section 0)
+    c.data.pairs_per_domain = 100     # pairs per domain per epoch, exactly balanced
+    c.data.cache_dir = ""             # preprocessed arrays; "" -> <workdir>/cache
+    c.data.num_workers = 0            # grain worker processes for reading
+    c.data.eval_pairs_per_domain = 8  # validation pairs per domain (test split)
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.enabled = False  # True: generate the offline synthetic domains into root
+    c.data.synthetic.size = 48
+    c.data.synthetic.subjects = 8
+    c.data.synthetic.seed = 0
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.mind = 1.0                 # MIND-SSC (r=2, d=2) similarity
+    c.loss.smooth = 0.1               # squared forward differences of the final field
+    c.loss.ort = 0.001                # L_ort, orthogonality of the static knowledge base
+    c.loss.ts = 0.001                 # L_ts, task similarity (training domains only)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.power = 0.9               # polynomial decay to 0 over the run
+    c.optim.schedule_per = "step"     # "step" (paper) or "epoch" (authors' code)
+    c.optim.amsgrad = True
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 300
+    c.train.batch_size = 0            # global batch; 0 -> one pair per device (the paper: 1)
+    c.train.total_steps = 0           # 0 -> epochs * steps per epoch
+    c.train.log_every_steps = 50
+    c.train.eval_every_steps = 5000   # validation Dice per domain; 0 -> only at the end
+    c.train.checkpoint_every_steps = 2000
+    c.train.keep_checkpoints = 3
+    c.train.final_eval = True         # original-resolution evaluation of every domain at the end
+
+    c.init_from = ""                  # workdir or checkpoint to fine-tune from (params only)
+    return c
