@@ -11,7 +11,7 @@ from promptreg_jax import optim
 def test_per_step_schedule_is_polynomial():
     s = optim.make_schedule(1e-4, 1000, 0.9, per="step")
     for t in (0, 1, 10, 250, 999, 1000):
-        assert float(s(t)) == pytest.approx(1e-4 * (1 - t / 1000) ** 0.9, rel=1e-5, abs=1e-12)
+        assert float(s(t)) == pytest.approx(1e-4 * (1 - t / 1000) ** 0.9, rel=2e-4, abs=1e-12)  # float32
 
 
 def test_per_epoch_schedule_matches_reference_formula():
@@ -48,4 +48,4 @@ def test_amsgrad_matches_torch_formula():
         upd, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
         params = optax.apply_updates(params, upd)
         got.append(float(params))
-    np.testing.assert_allclose(got, _torch_amsgrad(grads, 1e-2), rtol=1e-5)
+    np.testing.assert_allclose(got, _torch_amsgrad(grads, 1e-2), rtol=1e-5, atol=1e-7)
