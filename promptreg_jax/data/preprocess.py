@@ -17,7 +17,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from promptreg_jax import warp
+from promptreg_jax.warp import resize
 from promptreg_jax.data.errors import DataError
 
 NORM_MODES = ("paper", "reference")
@@ -191,12 +191,12 @@ def normalize(image: np.ndarray, modality: str, mode: str = "paper") -> np.ndarr
 
 def resize_image(image: np.ndarray, image_size: Sequence[int]) -> np.ndarray:
     """Align-corners trilinear resize of a 3D array (the reference's ``F.interpolate``)."""
-    return warp.resize(np.asarray(image, np.float32)[None, ..., None], image_size, order=1)[0, ..., 0]
+    return resize(np.asarray(image, np.float32)[None, ..., None], image_size, order=1)[0, ..., 0]
 
 
 def resize_label(labels: np.ndarray, image_size: Sequence[int]) -> np.ndarray:
     """PyTorch legacy nearest resize of a 3D label array, int32."""
-    return warp.resize(np.asarray(labels, np.int32)[None, ..., None], image_size, order=0)[0, ..., 0]
+    return resize(np.asarray(labels, np.int32)[None, ..., None], image_size, order=0)[0, ..., 0]
 
 
 def prepare_image(path: str, frame: int | None, modality: str, norm_mode: str,
