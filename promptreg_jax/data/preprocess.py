@@ -40,6 +40,18 @@ class Volume:
                     affine=self.affine.tolist(), original_affine=self.original_affine.tolist())
 
 
+def _check_gzip_stream(path: str) -> None:
+    """Raises DataError if a .gz file does not decompress to its end (truncated or corrupt)."""
+    if not path.endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except (_GZIP_ERRORS + (OSError,)) as e:
+        raise DataError(path, f"corrupt or truncated gzip data ({e})")
+
+
 def _open(path: str):
     if not os.path.isfile(path):
         raise DataError(path, "file not found")
@@ -49,9 +61,8 @@ def _open(path: str):
                 raise DataError(path, "named .gz but not gzip-compressed (corrupt file?)")
     try:
         img = nib.load(path)
-    except _GZIP_ERRORS as e:
-        raise DataError(path, f"corrupt or truncated gzip data ({e})")
     except Exception as e:  # nibabel raises many types for files it cannot parse
+        _check_gzip_stream(path)
         raise DataError(path, f"not a readable NIfTI file ({type(e).__name__}: {e})")
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(path, f"not NIfTI (nibabel reads it as {type(img).__name__}); convert it "
@@ -82,10 +93,9 @@ def load_volume(path: str, frame: int | None = None) -> Volume:
         raise DataError(path, f"frame {frame} out of range: the file has {squeezed[3]} frames")
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(squeezed)
-    except _GZIP_ERRORS as e:
-        raise DataError(path, f"corrupt or truncated gzip data ({e})")
-    except (OSError, ValueError) as e:
-        raise DataError(path, f"cannot read the voxel data, file truncated? ({e})")
+    except Exception as e:  # gzip/zlib errors, short reads, bad scaling: report the gzip cause
+        _check_gzip_stream(path)
+        raise DataError(path, f"cannot read the voxel data, file truncated? ({type(e).__name__}: {e})")
     if frame is not None:
         data = data[..., frame]
     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
