@@ -18,7 +18,16 @@ from promptreg_jax.data.loader import iterate_eval_pairs, loader_throughput, mak
 from promptreg_jax.data.preprocess import (Volume, apply_label_map, load_image, load_label,
                                            load_volume, normalize, prepare_image, prepare_label)
 from promptreg_jax.data.readers import Pair, read_pairs
-from promptreg_jax.data.synthetic import ensure_synthetic
+
+
+def ensure_synthetic(out_dir: str, size: int = 48, subjects: int = 8, seed: int = 0,
+                     domains=("brain", "abdomen", "hippocampus", "cardiac", "hip")) -> list[dict]:
+    """Generates the synthetic data set on first use; see ``promptreg_jax.data.synthetic``.
+
+    Imported lazily so that ``python -m promptreg_jax.data.synthetic`` runs the module fresh.
+    """
+    from promptreg_jax.data import synthetic
+    return synthetic.ensure_synthetic(out_dir, size, subjects, seed, domains)
 
 __all__ = [
     "DATA_ROOT_ENV", "DataError", "Domain", "Pair", "Volume", "VolumeCache", "apply_label_map",
