@@ -241,7 +241,11 @@ def test_workers_and_orbax_checkpoint(dataset, tmp_path):
     _, _, train, cache = dataset
     make = lambda **kw: make_train_loader(train, cache, SIZE, 2, 5, 4, progress=False, **kw)  # noqa: E731
     expected = _stream(make(), 4)
-    with_worker = _stream(make(num_workers=1), 4)  # a spawned reader process, same stream
+    worker_it = iter(make(num_workers=1))  # a spawned reader process: the same stream
+    with_worker = [next(worker_it), next(worker_it)]
+    resumed = iter(make(num_workers=1))
+    resumed.set_state(worker_it.get_state())
+    with_worker += [next(resumed), next(resumed)]
     it = iter(make())
     got = [next(it), next(it)]
     mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
@@ -261,3 +265,16 @@ def test_loader_throughput(dataset):
     _, _, train, cache = dataset
     stats = loader_throughput(train, cache, SIZE, batch_size=2, num_batches=3)
     assert stats["pairs"] == 6 and stats["pairs_per_s"] > 0
+
+
+def test_cine_frames_through_cache_and_eval(tmp_path):
+    frames = np.stack([np.pad(np.ones((3 + t, 4, 2)), ((1, 4 - t), (1, 1), (1, 1))) * (t + 1)
+                       for t in range(3)], -1).astype(np.float32)  # (8, 6, 4, 3): 3 "phases"
+    img = _save(tmp_path / "X_sa.nii.gz", frames + 0.5)
+    gt = _save(tmp_path / "X_sa_gt.nii.gz", (frames > 0).astype(np.uint8))
+    d = Domain("cine", "mr", "mnms", str(tmp_path), 2, task_id=0)
+    pair = Pair(img, gt, img, gt, moving_frame=2, fixed_frame=0)
+    (item,) = iterate_eval_pairs(d, [pair], VolumeCache(str(tmp_path / "c")), (8, 8, 8))
+    assert item["moving_label_orig"].sum() == 5 * 4 * 2 and item["fixed_label_orig"].sum() == 3 * 4 * 2
+    assert item["moving_meta"]["frame"] == 2 and item["moving_meta"]["file_shape"] == [8, 6, 4, 3]
+    assert not np.array_equal(item["moving"], item["fixed"])

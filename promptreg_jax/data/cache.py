@@ -146,19 +146,20 @@ class VolumeCache:
         size = _size(image_size)
         jobs, seen, grids = [], set(), set()
         for domain, pairs in pairs_by_domain.items():
-            for p in pairs:
-                for image, label, frame in ((p.moving_image, p.moving_label, p.moving_frame),
-                                            (p.fixed_image, p.fixed_label, p.fixed_frame)):
-                    ik = self.image_key(domain, image, frame, size)
-                    vols = [("image", image, ik)]
-                    if label is not None:
-                        lk = self.label_key(domain, label, frame, size)
-                        vols.append(("label", label, lk))
-                        grids.add((image, ik, label, lk))
-                    for kind, path, key in vols:
-                        if key not in seen and not self.has(key):
-                            jobs.append((kind, domain, path, frame, size, key))
-                        seen.add(key)
+            # Volumes, not pairs: an unpaired data set has ~n^2 pairs of n volumes.
+            volumes = {(p.moving_image, p.moving_label, p.moving_frame) for p in pairs}
+            volumes |= {(p.fixed_image, p.fixed_label, p.fixed_frame) for p in pairs}
+            for image, label, frame in sorted(volumes, key=repr):
+                ik = self.image_key(domain, image, frame, size)
+                vols = [("image", image, ik)]
+                if label is not None:
+                    lk = self.label_key(domain, label, frame, size)
+                    vols.append(("label", label, lk))
+                    grids.add((image, ik, label, lk))
+                for kind, path, key in vols:
+                    if key not in seen and not self.has(key):
+                        jobs.append((kind, domain, path, frame, size, key))
+                    seen.add(key)
         bar = tqdm.tqdm(total=len(jobs), desc="preprocessing volumes", unit="vol",
                         disable=not progress or not jobs)
         try:

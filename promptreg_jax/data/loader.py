@@ -88,26 +88,30 @@ class _Load:
 
 def _volume_table(pairs_by_domain, cache: VolumeCache, image_size, with_labels: bool):
     """Volume files and, per domain, an (N, 4) array of volume ids per pair (-1: no label)."""
-    files, index, pair_ids = [], {}, []
+    files, index, keys, pair_ids = [], {}, {}, []
 
-    def vid(key):
-        if key not in index:
-            index[key] = len(files)
-            files.append(cache.path(key))
-        return index[key]
+    def vid(domain, kind, path, frame):
+        if (domain, kind, path, frame) not in keys:  # one stat + hash per volume, not per pair
+            key_fn = cache.image_key if kind == "image" else cache.label_key
+            key = key_fn(domain, path, frame, image_size)
+            keys[domain, kind, path, frame] = key
+            if key not in index:
+                index[key] = len(files)
+                files.append(cache.path(key))
+        return index[keys[domain, kind, path, frame]]
 
     for domain, pairs in pairs_by_domain:
         rows = []
         for p in pairs:
-            row = [vid(cache.image_key(domain, p.moving_image, p.moving_frame, image_size)),
-                   vid(cache.image_key(domain, p.fixed_image, p.fixed_frame, image_size)), -1, -1]
+            row = [vid(domain, "image", p.moving_image, p.moving_frame),
+                   vid(domain, "image", p.fixed_image, p.fixed_frame), -1, -1]
             if with_labels:
                 if p.moving_label is None or p.fixed_label is None:
                     raise DataError(p.moving_image if p.moving_label is None else p.fixed_image,
                                     f"with_labels=True but this image of a {domain.name} training "
                                     f"pair has no label")
-                row[2] = vid(cache.label_key(domain, p.moving_label, p.moving_frame, image_size))
-                row[3] = vid(cache.label_key(domain, p.fixed_label, p.fixed_frame, image_size))
+                row[2] = vid(domain, "label", p.moving_label, p.moving_frame)
+                row[3] = vid(domain, "label", p.fixed_label, p.fixed_frame)
             rows.append(row)
         pair_ids.append(np.asarray(rows, np.int64).reshape(-1, 4))
     return files, pair_ids
@@ -177,13 +181,13 @@ def iterate_eval_pairs(domain: Domain, pairs: Sequence[Pair], cache: VolumeCache
         for side, image, label, frame in (("moving", p.moving_image, p.moving_label, p.moving_frame),
                                           ("fixed", p.fixed_image, p.fixed_label, p.fixed_frame)):
             ik = cache.image_key(domain, image, frame, image_size)
-            item[side] = np.asarray(cache.array(ik), np.float32)[None, ..., None]
+            item[side] = np.array(cache.array(ik), np.float32)[None, ..., None]
             item[f"{side}_meta"] = cache.meta(ik)
             item[f"{side}_label"] = item[f"{side}_label_orig"] = None
             if label is not None:
                 lk = cache.label_key(domain, label, frame, image_size)
-                item[f"{side}_label"] = np.asarray(cache.array(lk), np.int32)[None]
-                item[f"{side}_label_orig"] = np.asarray(cache.array(lk, original=True), np.int32)
+                item[f"{side}_label"] = np.array(cache.array(lk), np.int32)[None]
+                item[f"{side}_label_orig"] = np.array(cache.array(lk, original=True), np.int32)
         yield item
 
 
