@@ -34,7 +34,7 @@ def test_subjects_correspond_but_differ(key):
     assert labels.dtype == np.uint8 and labels.max() == n - 1
     image = next(iter(subjects[0].values()))[0]
     assert image.dtype == np.int16 and image.std() > 0
-    if synthetic._SPECS[key].modality == "ct":
+    if synthetic.SPECS[key].modality == "ct":
         assert image.min() < -900  # air in Hounsfield units
 
 

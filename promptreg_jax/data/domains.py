@@ -73,7 +73,7 @@ def _label_map(raw, where: str, num_classes: int):
             raise DataError(where, f"label_map sends {src_i} to {dst_i}, outside 0..{num_classes - 1}"
                                    f" (num_classes={num_classes})")
         out.append((src_i, dst_i))
-    return tuple(sorted(out))
+    return tuple(sorted(out)) or None
 
 
 def data_root(cfg_data: Any = None) -> str:
