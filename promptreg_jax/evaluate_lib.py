@@ -2,7 +2,7 @@
 
 The network sees both images resized to ``image_size``; its field ``u`` lives on that grid. For a
 fixed original of shape ``F`` and a moving original of shape ``M`` (which may differ),
-``warp.resample_flow(u, F, M)`` gives ``d`` on the fixed grid, pointing into the moving grid, and
+``resample_flow(u, F, M)`` gives ``d`` on the fixed grid, pointing into the moving grid, and
 the moving labels are pulled with nearest interpolation: ``warped(y) = moving_label(y + d(y))``.
 """
 
@@ -14,15 +14,16 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-from promptreg_jax import metrics, warp
+from promptreg_jax import metrics
+from promptreg_jax.warp import identity_grid, resample_flow, sample
 
 
 def warp_labels_to_fixed(flow_net, moving_label, fixed_shape):
     """Warps an original-resolution label map ``(X', Y', Z')`` onto the fixed original grid."""
-    d = warp.resample_flow(np.asarray(flow_net, np.float32)[None], fixed_shape,
+    d = resample_flow(np.asarray(flow_net, np.float32)[None], fixed_shape,
                            moving_shape=moving_label.shape)
-    coords = warp.identity_grid(fixed_shape)[None] + d
-    out = warp.sample(np.asarray(moving_label, np.int32)[None, ..., None], coords, order=0)
+    coords = identity_grid(fixed_shape)[None] + d
+    out = sample(np.asarray(moving_label, np.int32)[None, ..., None], coords, order=0)
     return np.asarray(out[0, ..., 0]), np.asarray(d[0])
 
 

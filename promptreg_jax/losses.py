@@ -27,17 +27,14 @@ MIND_EDGES = tuple((tuple(_SIX[_PAIRS[k][0]] - 1), tuple(_SIX[_PAIRS[k][1]] - 1)
 def _box_mean(x, radius: int):
     """Mean over the (2r+1)^3 cube after edge padding: ``avg_pool3d(ReplicationPad3d(r)(x))``.
 
-    Separable cumulative sums: three 1D passes instead of one (2r+1)^3 window.
+    Separable: three 1D window sums (``reduce_window``) instead of one (2r+1)^3 window.
     """
     k = 2 * radius + 1
     x = jnp.pad(x, [(0, 0)] + [(radius, radius)] * 3 + [(0, 0)], mode="edge")
     for axis in (1, 2, 3):
-        c = jnp.cumsum(x, axis=axis)
-        zero = jnp.zeros_like(jax.lax.slice_in_dim(c, 0, 1, axis=axis))
-        c = jnp.concatenate([zero, c], axis=axis)
-        n = x.shape[axis] - k + 1
-        x = (jax.lax.slice_in_dim(c, k, k + n, axis=axis)
-             - jax.lax.slice_in_dim(c, 0, n, axis=axis))
+        window = [1] * x.ndim
+        window[axis] = k
+        x = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, (1,) * x.ndim, "VALID")
     return x / float(k ** 3)
 
 

