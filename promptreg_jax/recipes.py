@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 2000
     c.train.keep_checkpoints = 3
     c.train.final_eval = True         # original-resolution evaluation of every domain at the end
+    c.train.stop_at_step = 0          # >0: checkpoint and stop there (preemption drills, tests)
 
     c.init_from = ""                  # workdir or checkpoint to fine-tune from (params only)
     return c

@@ -9,11 +9,14 @@ import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Compiled programs are shared between tests and their subprocesses through JAX's persistent
+# cache: the network takes tens of seconds to compile on CPU, and several tests run the same one.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".cache" / "jax_tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def fixtures_dir() -> pathlib.Path:
@@ -36,3 +39,23 @@ def load_fixture(name: str):
 def channels_last(x):
     """Reference arrays are (B, C, X, Y, Z); the port is (B, X, Y, Z, C)."""
     return np.moveaxis(np.asarray(x), 1, -1)
+
+
+def tiny_config(root, image=16, **train):
+    """``configs/demo.py:tiny`` shrunk for tests: 16^3, few pairs, synthetic data under ``root``."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo_config", REPO_ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.data.root = str(pathlib.Path(root) / "synthetic")
+    config.data.synthetic.size = 24
+    config.data.synthetic.subjects = 4
+    config.data.image_size = (image, image, image)
+    config.data.pairs_per_domain = 4
+    config.data.eval_pairs_per_domain = 1
+    config.train.final_eval = False
+    config.train.log_every_steps = 1
+    for k, v in train.items():
+        config.train[k] = v
+    return config

@@ -176,10 +176,10 @@ def subject_map(key: str, size: int, seed: int, index: int):
     rng = np.random.default_rng([seed, zlib.crc32(key.encode()), index, 0])
     shape = _shape(spec, size)
     p = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
-    # Every |du_a/dp_b| <= deform <= 0.18, so each row of S + grad u has a diagonal >= 0.77 above
+    # Every |du_a/dp_b| <= deform <= 0.18, so each row of S + grad u has a diagonal >= 0.74 above
     # its off-diagonal sum <= 0.36: strictly diagonally dominant, positive diagonal, det > 0.
-    scale = rng.uniform(0.95, 1.05, 3)
-    shift = rng.uniform(-0.04, 0.04, 3)
+    scale = rng.uniform(0.92, 1.08, 3)
+    shift = rng.uniform(-0.08, 0.08, 3)
     u = _smooth_field(rng, p, spec.deform)
     return p, [scale[a] * p[a] + shift[a] + u[a] for a in range(3)]
 
@@ -203,7 +203,9 @@ def make_subject(key: str, size: int, seed: int, index: int):
         labels = table[tissue, 0].astype(np.uint8)
         image = table[tissue, 1] + table[tissue, 2] * tex
         image = ndimage.gaussian_filter(image, 0.6)
-        image = image + rng.normal(0.0, spec.noise, shape).astype(np.float32)
+        # Noise well below the tissue contrasts: with strong noise, a similarity loss can be
+        # lowered by sub-voxel shifts that blur it (interpolation bias) instead of by alignment.
+        image = image + rng.normal(0.0, 0.25 * spec.noise, shape).astype(np.float32)
         if spec.modality == "mr":
             image = np.clip(image * bias * gain, 0, 32767)
         out[phase] = (np.rint(image).astype(np.int16), labels)

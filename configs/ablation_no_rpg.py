@@ -1,0 +1,15 @@
+"""Table 2 ablation "w/o RPG": plain RDP, no prompt generator and no prompt fusion layer.
+
+    python -m promptreg_jax.train --config configs/ablation_no_rpg.py --config.data.root=/path
+
+L_ort and L_ts vanish with the knowledge base; everything else is the paper's recipe.
+"""
+
+from promptreg_jax import recipes
+
+
+def get_config(arg=None):
+    del arg
+    config = recipes.base_config()
+    config.model.use_prompt = False
+    return config

@@ -1,0 +1,346 @@
+"""Trains PromptReg: ``python -m promptreg_jax.train --config configs/X.py [--workdir DIR]``.
+
+One flat ``train_and_evaluate(config, workdir)``, read top to bottom: devices and mesh -> data ->
+model and optimiser -> sharded state -> jitted step -> restore -> loop (log, NaN check,
+checkpoint, validation) -> final evaluation. Data-parallel: parameters replicated over a ``data``
+mesh axis, the global batch sharded along it; several processes (``jax.distributed``) each feed
+their slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from promptreg_jax import checkpoint as ckpt_lib
+from promptreg_jax import evaluate_lib, losses, optim
+from promptreg_jax import data as data_lib
+from promptreg_jax.model import get_model
+
+log = logging.getLogger("promptreg_jax.train")
+
+
+class TrainingError(RuntimeError):
+    """A run cannot continue (non-finite loss, bad configuration); the message says why."""
+
+
+def model_settings(config, num_tasks: int) -> dict:
+    """The model's constructor arguments (and what a checkpoint must agree on)."""
+    m = config.model
+    out = dict(name=m.name, channels=int(m.channels), num_tasks=int(num_tasks),
+               use_prompt=bool(m.use_prompt), prompt_head=m.prompt_head,
+               temperature=float(m.temperature), schedule=[int(s) for s in m.schedule],
+               int_steps=int(m.int_steps), conv_impl=m.conv_impl, dtype=m.dtype,
+               remat=bool(m.remat), image_size=[int(s) for s in config.data.image_size])
+    return out
+
+
+def build_model(settings: dict):
+    """``get_model`` from saved settings (a checkpoint's ``meta["model"]`` works too)."""
+    kw = {k: v for k, v in settings.items() if k not in ("name", "image_size")}
+    kw["schedule"] = tuple(kw.get("schedule", (2, 2, 3, 1)))
+    kw["dtype"] = jnp.dtype(kw.get("dtype", "float32"))
+    if settings["name"] == "voxelmorph":
+        kw = {k: kw[k] for k in ("int_steps", "conv_impl", "dtype", "remat") if k in kw}
+    return get_model(settings["name"], **kw)
+
+
+def loss_terms(model, params, batch, weights):
+    """Total loss and every term: MIND + smoothness + L_ort + L_ts (SPEC section 3)."""
+    out = model.apply({"params": params}, batch["moving"], batch["fixed"], batch["task_id"])
+    terms = {
+        "mind": losses.mind_loss(out["warped"], batch["fixed"]),
+        "smooth": losses.smoothness_loss(out["flow"]),
+        "ort": out["loss_ort"],
+        "ts": out["loss_ts"],
+    }
+    total = sum(weights[k] * v for k, v in terms.items())
+    w = out["prompt_weights"]
+    entropy = -jnp.sum(w * jnp.log(jnp.maximum(w, 1e-12)), axis=-1).mean() if w.shape[-1] else 0.0
+    return total, dict(terms, loss=total, prompt_entropy=jnp.asarray(entropy, jnp.float32))
+
+
+BATCH_KEYS = ("moving", "fixed", "task_id")
+
+
+def make_train_fns(model, tx, schedule, weights, mesh, image_shape, rng):
+    """The sharded state and update step for a ``data`` mesh.
+
+    Returns ``(init_state, train_step, abstract_state, state_sharding)``: ``init_state(rng)``
+    creates the state already replicated over the mesh (``jit`` with ``out_shardings``), and
+    ``train_step(state, batch) -> (state, metrics)`` is jitted with the batch sharded along
+    ``data``, the state donated, and every metric a replicated scalar.
+    """
+    repl = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+
+    def init_state(rng):
+        x = jnp.zeros(image_shape, jnp.float32)
+        params = model.init(rng, x, x, jnp.zeros((1,), jnp.int32))["params"]
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                "rng": rng}
+
+    abstract = jax.eval_shape(init_state, rng)
+    state_sharding = jax.tree.map(lambda _: repl, abstract)
+
+    def train_step(state, batch):
+        (_, metrics), grads = jax.value_and_grad(
+            lambda p: loss_terms(model, p, batch, weights), has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        metrics["lr"] = schedule(state["step"])
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+               "rng": state["rng"]}
+        return new, metrics
+
+    init_state = jax.jit(init_state, out_shardings=state_sharding)
+    train_step = jax.jit(train_step, in_shardings=(state_sharding, {k: data_sharding for k in BATCH_KEYS}),
+                         out_shardings=(state_sharding, repl), donate_argnums=0)
+    return init_state, train_step, abstract, state_sharding
+
+
+def _check_config(config):
+    size = tuple(int(s) for s in config.data.image_size)
+    if len(size) != 3 or any(s % 8 or s <= 0 for s in size):
+        raise TrainingError(f"config.data.image_size={size}: each of the 3 sizes must be a "
+                            f"positive multiple of 8 (the network has 3 stride-2 levels)")
+    if config.optim.schedule_per not in ("step", "epoch"):
+        raise TrainingError(f"config.optim.schedule_per={config.optim.schedule_per!r}: use "
+                            f"'step' or 'epoch'")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from ``workdir`` if it holds checkpoints) and evaluates; returns metrics."""
+    _check_config(config)
+    workdir = pathlib.Path(workdir).absolute()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"workdir {workdir} cannot be written: {e.strerror}") from None
+    is_main = jax.process_index() == 0
+
+    # ---------------------------------------------------------------- Devices & mesh
+    devices = np.asarray(jax.devices())
+    mesh = Mesh(devices, ("data",))
+    repl = NamedSharding(mesh, P())
+    global_batch = int(config.train.batch_size) or len(devices)
+    if global_batch % len(devices):
+        raise TrainingError(f"config.train.batch_size={global_batch} must be a multiple of the "
+                            f"{len(devices)} devices")
+    local_batch = global_batch // jax.process_count()
+
+    # ---------------------------------------------------------------- Data
+    data = data_lib.build_pipeline(config, workdir, batch_size=local_batch,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+    num_tasks = len(data.train_domains)
+    steps_per_epoch = max(int(config.data.pairs_per_domain) * num_tasks // global_batch, 1)
+    total_steps = int(config.train.total_steps) or int(config.train.epochs) * steps_per_epoch
+
+    # ---------------------------------------------------------------- Model & optimiser
+    settings = model_settings(config, num_tasks)
+    model = build_model(settings)
+    schedule = optim.make_schedule(config.optim.lr, total_steps, config.optim.power,
+                                   steps_per_epoch, config.optim.schedule_per)
+    tx = optim.make_optimizer(schedule, amsgrad=config.optim.amsgrad)
+    weights = {k: float(config.loss[k]) for k in ("mind", "smooth", "ort", "ts")}
+    shape = (1, *[int(s) for s in config.data.image_size], 1)
+    rng = jax.random.PRNGKey(int(config.seed))
+    init_state, train_step, abstract, state_sharding = make_train_fns(
+        model, tx, schedule, weights, mesh, shape, rng)
+    data_sharding = NamedSharding(mesh, P("data"))
+
+    def to_global(local):
+        return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(local[k]))
+                for k in BATCH_KEYS}
+
+    # ---------------------------------------------------------------- Restore or init
+    meta = {"model": settings, "config": json.loads(config.to_json_best_effort()),
+            "domains": [d.name for d in data.train_domains], "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch, "global_batch": global_batch}
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    restored = checkpointer.restore(abstract_sharded, data.train_iter) if checkpointer.all_steps() else None
+    if restored is not None:
+        state, saved_meta, start = restored
+        ckpt_lib.check_compatible(saved_meta, settings, str(checkpointer.directory))
+        log.info("resumed from %s at step %d", checkpointer.directory, start)
+    else:
+        state = init_state(rng)
+        if config.init_from:  # fine-tuning: parameters only, fresh optimiser and data order
+            params, init_meta, _ = ckpt_lib.load_params(config.init_from)
+            ckpt_lib.check_compatible(init_meta, settings, str(config.init_from))
+            state["params"] = jax.device_put(params, jax.tree.map(lambda _: repl, params))
+            state["opt_state"] = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])(
+                state["params"])
+            log.info("initialised parameters from %s", config.init_from)
+    start = int(jax.device_get(state["step"]))
+
+    # ---------------------------------------------------------------- Logging
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(str(workdir / "tensorboard"))
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    predict = jax.jit(lambda p, m, f: _predict(model, p, m, f))
+
+    def validate(step, final=False):
+        results = {}
+        for domain, items in data.eval_items().items():
+            rows = evaluate_lib.evaluate_pairs(lambda m, f: predict(state["params"], m, f),
+                                               items, domain.num_classes)
+            summary = evaluate_lib.summarize(rows)
+            results[domain.name] = summary
+            if writer is not None:
+                for k in ("dice_mean", "dice_before_mean", "hd95_mean", "neg_jacobian_pct_mean"):
+                    if k in summary:
+                        writer.add_scalar(f"val/{domain.name}/{k}", summary[k], step)
+        if is_main:
+            _print_dice_table(results, step, final)
+        return results
+
+    # ---------------------------------------------------------------- Train loop
+    progress = _progress(is_main, start, total_steps)
+    last_metrics, t_last, n_last = {}, time.perf_counter(), start
+    step = start
+    stop_at = int(config.train.get("stop_at_step", 0)) or total_steps
+    while step < min(total_steps, stop_at):
+        batch = to_global(next(data.train_iter))
+        state, metrics = train_step(state, batch)
+        step += 1
+        metrics = jax.device_get(metrics)
+        if not all(np.isfinite(float(v)) for v in metrics.values()):
+            good = checkpointer.all_steps()
+            raise TrainingError(
+                f"non-finite loss at step {step} ({_fmt(metrics)}); stopped without saving. The "
+                f"last good checkpoint is step {good[-1] if good else 'none'} in "
+                f"{checkpointer.directory}: lower config.optim.lr or check the data, then rerun "
+                f"the same command to resume from it")
+        last_metrics = {k: float(v) for k, v in metrics.items()}
+        progress.update(1)
+        if step % config.train.log_every_steps == 0 or step == total_steps:
+            now = time.perf_counter()
+            last_metrics["steps_per_sec"] = (step - n_last) / max(now - t_last, 1e-9)
+            t_last, n_last = now, step
+            progress.set_postfix_str(_fmt(last_metrics, ("loss", "mind", "lr")))
+            if writer is not None:
+                for k, v in last_metrics.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+        if step % config.train.checkpoint_every_steps == 0 or step in (total_steps, stop_at):
+            checkpointer.save(step, state, meta, data.train_iter)
+        if config.train.eval_every_steps and step % config.train.eval_every_steps == 0 \
+                and step != total_steps:
+            validate(step)
+    progress.close()
+
+    # ---------------------------------------------------------------- Final evaluation
+    if step < total_steps:  # stopped early on purpose (stop_at_step): no final evaluation
+        checkpointer.close()
+        return {"step": step, "train": last_metrics, "eval": {}, "state": state}
+    results = validate(step, final=True) if config.train.final_eval else {}
+    if is_main:
+        (workdir / "final_metrics.json").write_text(json.dumps(
+            {"step": step, "train": last_metrics, "eval": results}, indent=2))
+    if writer is not None:
+        writer.close()
+    checkpointer.close()
+    return {"step": step, "train": last_metrics, "eval": results, "state": state}
+
+
+def _predict(model, params, moving, fixed):
+    out = model.apply({"params": params}, moving, fixed, None)
+    return out["flow"], out["prompt_weights"]
+
+
+def _fmt(metrics, keys=None):
+    keys = keys or sorted(metrics)
+    return " ".join(f"{k}={float(metrics[k]):.4g}" for k in keys if k in metrics)
+
+
+def _print_dice_table(results, step, final):
+    title = "final evaluation" if final else f"validation at step {step}"
+    print(f"\n{title} (Dice at original resolution, mean over pairs):", flush=True)
+    print(f"  {'domain':<14}{'pairs':>6}{'before':>9}{'after':>9}{'HD95':>9}{'%|J|<=0':>9}")
+    for name, s in results.items():
+        print(f"  {name:<14}{s['pairs']:>6}{s.get('dice_before_mean', math.nan):>9.3f}"
+              f"{s.get('dice_mean', math.nan):>9.3f}{s.get('hd95_mean', math.nan):>9.2f}"
+              f"{s.get('neg_jacobian_pct_mean', math.nan):>9.3f}", flush=True)
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(enabled, start, total):
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr, mininterval=1.0)
+
+
+def main(argv):
+    from absl import flags
+    del argv
+    flags_ = flags.FLAGS
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Reuse compiled programs across runs (the full network takes tens of seconds to compile
+    # on CPU). JAX_COMPILATION_CACHE_DIR overrides the folder.
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                             "promptreg_jax", "xla")
+        jax.config.update("jax_compilation_cache_dir", cache)
+    if flags_.coordinator_address:  # multi-process run (one process per host or per GPU)
+        jax.distributed.initialize(flags_.coordinator_address, flags_.num_processes,
+                                   flags_.process_id)
+    elif flags_.distributed:  # TPU pods / SLURM: jax discovers the cluster itself
+        jax.distributed.initialize()
+    config = flags_.config
+    from ml_collections import config_flags
+    config_file = config_flags.get_config_filename(flags_["config"]).split(":")[0]
+    workdir = flags_.workdir or os.path.join("runs", pathlib.Path(config_file).stem)
+    try:
+        train_and_evaluate(config, workdir)
+    except (TrainingError, ckpt_lib.CheckpointError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", "", "Run folder: checkpoints, logs, metrics. Resumes if it "
+                                       "holds checkpoints. Default: runs/<config name>.")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster "
+                                            "auto-detection) before training.")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for a multi-process run.")
+    flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,36 @@
+"""One process of a multi-process training run (used by train_test.py, not collected itself).
+
+    python tests/multiprocess_worker.py ROOT WORKDIR OUT.npz PROCESS_ID NUM_PROCESSES PORT DEVICES
+
+Runs two training steps of the tiny test config with ``jax.distributed`` over CPU devices
+(gloo collectives) and writes the final parameters from process 0.
+"""
+
+import os
+import sys
+
+root, workdir, out, pid, nproc, port, ndev = sys.argv[1:8]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+
+if int(nproc) > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", int(nproc), int(pid))
+
+from promptreg_jax import train  # noqa: E402
+
+config = tiny_config(root, total_steps=2, checkpoint_every_steps=100)
+result = train.train_and_evaluate(config, workdir)
+params = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), result["state"]["params"])
+if jax.process_index() == 0:
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    np.savez(out, loss=result["train"]["loss"], **flat)
+print(f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, "
+      f"loss {result['train']['loss']:.6f}", flush=True)

@@ -1,0 +1,126 @@
+"""Training: sharded step = single-device step, multi-process = single-process, exact resume,
+every config builds, and a tiny run learns."""
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from conftest import REPO_ROOT, tiny_config
+from promptreg_jax import optim, train
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(k): np.asarray(jax.device_get(v))
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def test_sharded_step_equals_single_device_step(tmp_path):
+    config = tiny_config(tmp_path)
+    settings = train.model_settings(config, num_tasks=3)
+    model = train.build_model(settings)
+    schedule = optim.make_schedule(1e-3, 10)
+    tx = optim.make_optimizer(schedule)
+    weights = {"mind": 1.0, "smooth": 0.1, "ort": 1e-3, "ts": 1e-3}
+    rng = np.random.default_rng(0)
+    batch = {"moving": rng.random((4, 16, 16, 16, 1), np.float32),
+             "fixed": rng.random((4, 16, 16, 16, 1), np.float32),
+             "task_id": np.array([0, 2, -1, 1], np.int32)}
+    results = []
+    for n in (1, 4):
+        mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
+        init, step, _, _ = train.make_train_fns(model, tx, schedule, weights, mesh,
+                                                (1, 16, 16, 16, 1), jax.random.PRNGKey(0))
+        state, metrics = step(init(jax.random.PRNGKey(0)), batch)
+        assert state["params"]["defconv1"]["kernel"].sharding.mesh.size == n
+        results.append((_flat(state["params"]), jax.device_get(metrics)))
+    (p1, m1), (p4, m4) = results
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
+    for k in p1:
+        # One Adam step moves each weight by about lr = 1e-3; reductions in another order
+        # change the last bits of the gradient, hence 1% of a step.
+        np.testing.assert_allclose(p1[k], p4[k], atol=1e-5, err_msg=k)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = train.train_and_evaluate(tiny_config(tmp_path, total_steps=4), tmp_path / "a")
+    first = train.train_and_evaluate(tiny_config(tmp_path, total_steps=4, stop_at_step=2),
+                                     tmp_path / "b")
+    assert first["step"] == 2 and first["eval"] == {}
+    resumed = train.train_and_evaluate(tiny_config(tmp_path, total_steps=4), tmp_path / "b")
+    assert resumed["step"] == 4
+    a, b = _flat(straight["state"]["params"]), _flat(resumed["state"]["params"])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert straight["train"]["loss"] == resumed["train"]["loss"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    worker = str(REPO_ROOT / "tests" / "multiprocess_worker.py")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    root = str(tmp_path)
+    # Generate the data once so the processes only read it.
+    from promptreg_jax.data import synthetic
+    synthetic.ensure_synthetic(str(tmp_path / "synthetic"), 24, 4, 0)
+    single = subprocess.run([sys.executable, worker, root, str(tmp_path / "single"),
+                             str(tmp_path / "single.npz"), "0", "1", "0", "4"],
+                            env=env, capture_output=True, text=True, timeout=400)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, worker, root, str(tmp_path / "multi"),
+                               str(tmp_path / "multi.npz"), str(i), "2", port, "2"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "of 2: 4 devices" in out
+    a, b = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
+    assert set(a.files) == set(b.files)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    for k in a.files:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("name,arg", [("all_domains", None), ("leave_one_out", "hip"),
+                                      ("reference_code", None), ("ablation_no_rpg", None),
+                                      ("ablation_no_constraints", None), ("voxelmorph", None),
+                                      ("demo", None), ("demo", "loo")])
+def test_every_config_builds_its_model(name, arg):
+    config = _load_config(name, arg)
+    held_out = sum(bool(d["held_out"]) for d in config.data.domains)
+    z = len(config.data.domains) - held_out
+    settings = train.model_settings(config, z)
+    model = train.build_model(settings)
+    shape = (1, *config.data.image_size, 1)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, x,
+                            jax.ShapeDtypeStruct((1,), jnp.int32))["params"]
+    if config.model.name == "promptreg" and config.model.use_prompt:
+        skb = params["prompt_generator"]["static_prompt"]
+        assert skb.shape == (z, *[s // 8 for s in config.data.image_size], 8 * config.model.channels)
+    else:
+        assert "prompt_generator" not in params
+    if name == "leave_one_out":
+        assert z == 4 and [d["name"] for d in config.data.domains if d["held_out"]] == ["Hip"]
