@@ -1,0 +1,241 @@
+"""PromptReg: two encoders, the RDP recursive decoder and the registration prompt generator (RPG).
+
+SPEC sections 1 and 2. Submodule names echo the reference's PyTorch names (``encoder_moving``,
+``cconv_4``, ``defconv4``, ``upconv3``, ``prompt_generator``, ...) so that ``convert.py`` is a table.
+Images are ``(B, X, Y, Z, C)``; flows ``(B, X, Y, Z, 3)`` in voxels (see ``promptreg_jax.warp``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from promptreg_jax.layers import (CONV_IMPLS, Conv3D, ConvInsBlock, ConvInsBlocks, ResBlock,
+                                  UpConvBlock, torch_uniform)
+from promptreg_jax.losses import cosine_similarity, orthogonality_loss, task_similarity_loss
+from promptreg_jax.warp import compose, integrate, upsample_flow, warp
+
+PROMPT_HEADS = ("spatial", "pooled_attention")
+
+
+def kaiming_normal_leaky(fan_in: int, a: float = 1e-2):
+    """``kaiming_normal_(a, mode='fan_in', nonlinearity='leaky_relu')``; fan_in in PyTorch layout."""
+    std = math.sqrt(2.0 / (1.0 + a * a)) / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: std * jax.random.normal(key, shape, dtype)
+
+
+class Encoder(nn.Module):
+    """conv0 (ConvInsBlock 1->c), then three times: stride-2 conv (padding 1) + ResBlock.
+
+    Returns the features at full, 1/2, 1/4 and 1/8 resolution with c, 2c, 4c, 8c channels.
+    """
+    channels: int = 16
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
+        h = ConvInsBlock(self.channels, name="conv0", **kw)(x)
+        feats = [h]
+        for i in (1, 2, 3):
+            h = Conv3D(self.channels * 2 ** i, strides=2, padding=1, name=f"conv{i}_0", **kw)(h)
+            h = ResBlock(name=f"conv{i}_1", **kw)(h)
+            feats.append(h)
+        return feats
+
+
+class PooledAttention(nn.Module):
+    """The reference's ``CrossAttention`` with a single key/value token, as the RPG uses it.
+
+    With one key the attention softmax is identically 1, so the output is ``proj(v(token))`` for
+    every query voxel and ``q``, ``k`` (zero gradient, no effect) are not created (SPEC 2.4).
+    """
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, token):
+        dim = token.shape[-1]
+        dense = lambda name: nn.Dense(dim, dtype=self.dtype, kernel_init=torch_uniform(dim),
+                                      bias_init=torch_uniform(dim), name=name)
+        return dense("proj")(dense("v")(token))
+
+
+class PromptGenerator(nn.Module):
+    """RPG (SPEC 2) on the bottleneck feature ``C4 (B, x, y, z, C)``.
+
+    Returns ``(prompt (B,x,y,z,C), weights (B,Z), loss_ort, loss_ts, intermediates)``. The SKB
+    ``static_prompt (Z,x,y,z,C)`` and ``prompt_template (1,x,y,z,C)`` take their shape from C4.
+    ``task_id (B,)``: int, -1 for an unknown domain; ``None``: all unknown (then L_ts = 0).
+    """
+    num_tasks: int
+    temperature: float = 0.1
+    prompt_head: str = "spatial"
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, task_id=None):
+        B, C = x.shape[0], x.shape[-1]
+        kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
+        init = kaiming_normal_leaky(C * math.prod(x.shape[1:4]))
+        skb = self.param("static_prompt", init, (self.num_tasks, *x.shape[1:]), jnp.float32)
+        template = self.param("prompt_template", init, (1, *x.shape[1:]), jnp.float32)
+        # The reference only works at batch 1 here; the template is broadcast over the batch.
+        template = jnp.broadcast_to(template, x.shape).astype(x.dtype)
+        dyn = ConvInsBlocks((C, C), name="dynamic_fusion", **kw)(jnp.concatenate([x, template], -1))
+        dyn32 = dyn.astype(jnp.float32)
+        sims = jnp.stack([cosine_similarity(dyn32, jnp.broadcast_to(skb[i], dyn.shape))
+                          for i in range(self.num_tasks)], axis=1)
+        weights = jax.nn.softmax(sims / self.temperature, axis=1)
+        mixed = jnp.einsum("bz,z...->b...", weights, skb)
+        mixed = ConvInsBlocks((C,), name="conv", **kw)(mixed)  # S': what L_ts compares
+        prompt = ConvInsBlocks((C, C), (3, 1), name="fusion", **kw)(
+            jnp.concatenate([dyn, mixed.astype(dyn.dtype)], -1))
+        if self.prompt_head == "pooled_attention":
+            token = jnp.mean(prompt.astype(jnp.float32), axis=(1, 2, 3))
+            token = PooledAttention(self.dtype, name="cross_attention")(token)
+            prompt = jnp.broadcast_to(token[:, None, None, None, :], x.shape).astype(x.dtype)
+        elif self.prompt_head != "spatial":
+            raise ValueError(f"prompt_head must be one of {PROMPT_HEADS}, got {self.prompt_head!r}")
+        if task_id is None:
+            task_id = jnp.full((B,), -1, jnp.int32)
+        task_id = jnp.asarray(task_id, jnp.int32)
+        if task_id.shape != (B,):
+            raise ValueError(f"task_id must have shape ({B},) (one id per sample, -1 = unknown), "
+                             f"got {task_id.shape}")
+        loss_ort = orthogonality_loss(skb)
+        loss_ts = task_similarity_loss(mixed.astype(jnp.float32), skb, task_id)
+        return prompt, weights, loss_ort, loss_ts
+
+
+class PromptReg(nn.Module):
+    """PromptReg = RDP backbone + RPG at the bottleneck (``use_prompt=False``: plain RDP).
+
+    ``__call__(moving, fixed, task_id=None)``: ``moving``/``fixed`` ``(B,X,Y,Z,1)`` with X, Y, Z
+    divisible by 8; ``task_id (B,)`` int, -1 = unknown domain, ``None`` = all unknown (inference).
+    Returns a dict:
+
+    * ``flow (B,X,Y,Z,3)`` float32 voxels, ``warped = warp(moving, flow)`` ``(B,X,Y,Z,1)``;
+    * ``prompt_weights (B,Z)`` softmax over the SKB entries (``(B,0)`` without the RPG);
+    * ``loss_ort`` = L_ort(SKB), ``loss_ts`` = L_ts(S', SKB, task_id): float32 scalars, 0 without
+      the RPG (L_ts is also 0 when no task id is known);
+    * ``intermediates``: ``encoder_moving_level0`` (full-res moving features, c channels),
+      ``c4_after_cconv_4`` (bottleneck, 8c), and with the RPG ``task_prompt`` (its output) and
+      ``c4_after_prompt_fusion`` (what the decoder sees).
+
+    Decoder (SPEC 1.4): per level 1/8, 1/4, 1/2, 1, ``schedule[i]`` velocity estimates from one
+    shared head, each integrated with ``int_steps`` squarings and composed ``u <- u(x+w)+w``;
+    between levels ``u <- upsample(2u)`` (align corners). ``prompt_head``: ``"spatial"`` (the
+    paper: the fusion output P) or ``"pooled_attention"`` (the authors' code, SPEC 2.4).
+    ``temperature`` 0.1 is the paper's, 0.5 the code's. ``dtype`` is the conv compute dtype; norms,
+    flow heads, flows, warps and losses stay float32. ``remat`` checkpoints each decoder level.
+    """
+    channels: int = 16
+    num_tasks: int = 5
+    use_prompt: bool = True
+    prompt_head: str = "spatial"
+    temperature: float = 0.1
+    schedule: tuple[int, int, int, int] = (2, 2, 3, 1)
+    int_steps: int = 7
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        # setup() rather than @nn.compact: nn.remat of a level needs submodules bound to self.
+        if len(self.schedule) != 4 or min(self.schedule) < 1:
+            raise ValueError(f"schedule needs 4 counts >= 1 (levels 1/8..1), got {self.schedule}")
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
+        if self.prompt_head not in PROMPT_HEADS:
+            raise ValueError(f"prompt_head must be one of {PROMPT_HEADS}, got {self.prompt_head!r}")
+        c, kw = self.channels, dict(conv_impl=self.conv_impl, dtype=self.dtype)
+        self.encoder_moving = Encoder(c, **kw)
+        self.encoder_fixed = Encoder(c, **kw)
+        self.cconv_4 = ConvInsBlocks((8 * c, 8 * c), **kw)
+        if self.use_prompt:
+            self.prompt_generator = PromptGenerator(self.num_tasks, self.temperature,
+                                                    self.prompt_head, **kw)
+            self.prompt_fusion_layer = ConvInsBlocks((8 * c, 8 * c), **kw)
+        self.dconv4 = ConvInsBlocks((8 * c, 8 * c), **kw)
+        # Levels 3, 2, 1 carry f = 4c, 2c, c decoder channels and 3f after concatenation.
+        for level, f in ((3, 4 * c), (2, 2 * c), (1, c)):
+            setattr(self, f"upconv{level}", UpConvBlock(f, **kw))
+            setattr(self, f"cconv_{level}", ConvInsBlocks((3 * f, 3 * f), **kw))
+            setattr(self, f"dconv{level}", ConvInsBlock(f, **kw))
+        for level in (4, 3, 2, 1):
+            # Flow heads: N(0, 1e-5) weights, zero bias, computed in float32.
+            setattr(self, f"defconv{level}", Conv3D(
+                3, conv_impl=self.conv_impl, kernel_init=nn.initializers.normal(1e-5),
+                bias_init=nn.initializers.zeros))
+
+    def _velocity_to_flow(self, level, feat):
+        v = getattr(self, f"defconv{level}")(feat.astype(jnp.float32))
+        return integrate(v, self.int_steps)
+
+    def _decode_level(self, level, fixed_feat, moving_feat, feat, flow):
+        """One decoder level: ``schedule`` estimates; returns (features, composed flow)."""
+        n = self.schedule[4 - level]
+        warped = lambda u: warp(moving_feat, u).astype(self.dtype)
+        if level == 4:  # feat = C4 after the prompt fusion; flow is None
+            step = lambda c, u: self.dconv4(jnp.concatenate([fixed_feat, warped(u), c], -1))
+            c = feat
+        else:
+            cconv = getattr(self, f"cconv_{level}")
+            dconv = getattr(self, f"dconv{level}")
+            step = lambda c, u: cconv(jnp.concatenate([fixed_feat, warped(u), dconv(c)], -1))
+            d = getattr(self, f"upconv{level}")(feat)
+            flow = upsample_flow(flow)
+            c = cconv(jnp.concatenate([fixed_feat, warped(flow), d], -1))
+        w = self._velocity_to_flow(level, c)
+        for _ in range(n - 1):
+            flow = w if flow is None else compose(flow, w)
+            c = step(c, flow)
+            w = self._velocity_to_flow(level, c)
+        return c, (w if flow is None else compose(flow, w))
+
+    def __call__(self, moving, fixed, task_id=None):
+        if moving.ndim != 5 or moving.shape != fixed.shape:
+            raise ValueError(f"moving {moving.shape} and fixed {fixed.shape} must both be "
+                             f"(B,X,Y,Z,C) with the same shape")
+        if any(n % 8 for n in moving.shape[1:4]):
+            raise ValueError(f"spatial size {moving.shape[1:4]} must be divisible by 8 "
+                             f"(three stride-2 levels)")
+        B = moving.shape[0]
+        M = self.encoder_moving(moving.astype(self.dtype))
+        F = self.encoder_fixed(fixed.astype(self.dtype))
+        c4 = self.cconv_4(jnp.concatenate([F[3], M[3]], -1))
+        inter = {"encoder_moving_level0": M[0], "c4_after_cconv_4": c4}
+        zero = jnp.zeros((), jnp.float32)
+        if self.use_prompt:
+            prompt, weights, loss_ort, loss_ts = self.prompt_generator(c4, task_id)
+            c4 = self.prompt_fusion_layer(jnp.concatenate([c4, prompt], -1))
+            inter.update(task_prompt=prompt, c4_after_prompt_fusion=c4)
+        else:
+            weights, loss_ort, loss_ts = jnp.zeros((B, 0), jnp.float32), zero, zero
+        feat, flow = c4, None
+        for level in (4, 3, 2, 1):
+            fn = lambda mdl, *args, level=level: PromptReg._decode_level(mdl, level, *args)
+            fn = nn.remat(fn) if self.remat else fn
+            feat, flow = fn(self, F[level - 1], M[level - 1], feat, flow)
+        return {"flow": flow, "warped": warp(moving, flow), "prompt_weights": weights,
+                "loss_ort": loss_ort, "loss_ts": loss_ts, "intermediates": inter}
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter tree."""
+    return int(sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def get_model(name: str, **kwargs) -> nn.Module:
+    """``"promptreg"`` -> ``PromptReg(**kwargs)``; ``"voxelmorph"`` -> ``VoxelMorph(**kwargs)``."""
+    from promptreg_jax.voxelmorph import VoxelMorph
+    models = {"promptreg": PromptReg, "voxelmorph": VoxelMorph}
+    if name not in models:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(models)}")
+    return models[name](**kwargs)
