@@ -19,6 +19,19 @@ from promptreg_jax.layers import Conv3D
 from promptreg_jax.warp import integrate, warp
 
 
+class ConvAct(nn.Module):
+    """Conv3d k3 (child ``conv``) -> LeakyReLU; the unit that ``remat`` checkpoints."""
+    features: int
+    negative_slope: float = 0.2
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = Conv3D(self.features, conv_impl=self.conv_impl, dtype=self.dtype, name="conv")(x)
+        return nn.leaky_relu(y, self.negative_slope)
+
+
 def _upsample_nearest(x):
     for axis in (1, 2, 3):
         x = jnp.repeat(x, 2, axis=axis)
@@ -30,6 +43,7 @@ class VoxelMorph(nn.Module):
 
     ``moving``/``fixed`` ``(B,X,Y,Z,C)``, X, Y, Z divisible by ``2 ** len(enc_features)`` (16).
     ``prompt_weights`` is ``(B,0)``, both prompt losses are 0, ``intermediates`` is empty.
+    ``remat`` checkpoints every conv + activation: only block inputs are kept for the backward.
     """
     enc_features: Sequence[int] = (16, 32, 32, 32)
     dec_features: Sequence[int] = (32, 32, 32, 32, 32, 16, 16)
@@ -37,6 +51,7 @@ class VoxelMorph(nn.Module):
     int_steps: int = 7
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, moving, fixed, task_id=None):
@@ -49,19 +64,20 @@ class VoxelMorph(nn.Module):
         if any(n % 2 ** levels for n in moving.shape[1:4]):
             raise ValueError(f"spatial size {moving.shape[1:4]} must be divisible by "
                              f"{2 ** levels} ({levels} pooling levels)")
-        kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
-        act = lambda x: nn.leaky_relu(x, self.negative_slope)
+        block_cls = nn.remat(ConvAct) if self.remat else ConvAct
+        block = lambda f, name: block_cls(f, self.negative_slope, self.conv_impl, self.dtype,
+                                          name=name)
         x = jnp.concatenate([moving, fixed], -1).astype(self.dtype)
         skips = []
         for i, f in enumerate(self.enc_features):
-            x = act(Conv3D(f, name=f"encoder_{i}", **kw)(x))
+            x = block(f, f"encoder_{i}")(x)
             skips.append(x)
             x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
         for i, f in enumerate(self.dec_features[:levels]):
-            x = act(Conv3D(f, name=f"decoder_{i}", **kw)(x))
+            x = block(f, f"decoder_{i}")(x)
             x = jnp.concatenate([_upsample_nearest(x), skips.pop()], -1)
         for i, f in enumerate(self.dec_features[levels:]):
-            x = act(Conv3D(f, name=f"remaining_{i}", **kw)(x))
+            x = block(f, f"remaining_{i}")(x)
         velocity = Conv3D(3, conv_impl=self.conv_impl, kernel_init=nn.initializers.normal(1e-5),
                           bias_init=nn.initializers.zeros, name="flow")(x.astype(jnp.float32))
         flow = integrate(velocity, self.int_steps)

@@ -195,6 +195,23 @@ def test_voxelmorph_runs():
         jax.eval_shape(model.init, KEY, moving[:, :24, :24, :24], fixed[:, :24, :24, :24])
 
 
+@pytest.mark.slow
+def test_voxelmorph_remat_same_gradients():
+    moving, fixed = _volumes(0, 1, size=16), _volumes(1, 1, size=16)
+    params = jax.jit(VoxelMorph(int_steps=0).init)(KEY, moving, fixed)["params"]
+    params = {**params, "flow": {**params["flow"], "kernel": params["flow"]["kernel"] * 400}}
+
+    def grads(remat):
+        model = VoxelMorph(int_steps=0, remat=remat)
+        loss = lambda p: jnp.mean((model.apply({"params": p}, moving, fixed)["warped"] - fixed) ** 2)
+        return jax.jit(jax.grad(loss), compiler_options=FAST)(params)
+
+    g0, g1 = grads(False), grads(True)
+    assert jax.tree_util.tree_structure(g0) == jax.tree_util.tree_structure(g1)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(a, b, atol=1e-6 * np.abs(b).max() + 1e-12)
+
+
 def test_param_counts_at_160():
     """eval_shape only. Reference variant at Z=5, c=16: the SPEC's 19,131,084 (dead prompt_mlp
     and x_proj excluded) minus the attention's q and k (2 x 16,512), which are not created."""
