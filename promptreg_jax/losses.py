@@ -89,7 +89,11 @@ def orthogonality_loss(skb):
     """L_ort = ||B_n B_n^T - I||_F over the static knowledge base ``(Z, ...)`` (not squared)."""
     b = _unit_rows(skb)
     gram = b @ b.T
-    return jnp.sqrt(jnp.sum((gram - jnp.eye(b.shape[0], dtype=b.dtype)) ** 2))
+    sq = jnp.sum((gram - jnp.eye(b.shape[0], dtype=b.dtype)) ** 2)
+    # The norm's gradient is undefined at 0 (always the case for Z = 1): give it 0 there
+    # instead of NaN, with the usual double `where`.
+    safe = jnp.where(sq > 0, sq, 1.0)
+    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
 def cosine_similarity(a, b, eps: float = 1e-8):

@@ -307,6 +307,8 @@ def main(argv):
     del argv
     flags_ = flags.FLAGS
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
     # Reuse compiled programs across runs (the full network takes tens of seconds to compile
     # on CPU). JAX_COMPILATION_CACHE_DIR overrides the folder.
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):

@@ -42,7 +42,11 @@ def channels_last(x):
 
 
 def tiny_config(root, image=16, **train):
-    """``configs/demo.py:tiny`` shrunk for tests: 16^3, few pairs, synthetic data under ``root``."""
+    """``configs/demo.py:tiny`` shrunk for tests: 16^3, few pairs, synthetic data under ``root``.
+
+    Tests that train keep ``total_steps=4`` (the schedule is part of the compiled step) and stop
+    earlier with ``stop_at_step``, so they share one compiled program through the cache.
+    """
     import importlib.util
     spec = importlib.util.spec_from_file_location("demo_config", REPO_ROOT / "configs" / "demo.py")
     module = importlib.util.module_from_spec(spec)
@@ -56,6 +60,7 @@ def tiny_config(root, image=16, **train):
     config.data.eval_pairs_per_domain = 1
     config.train.final_eval = False
     config.train.log_every_steps = 1
+    config.train.total_steps = 4
     for k, v in train.items():
         config.train[k] = v
     return config

@@ -106,6 +106,9 @@ def test_orthogonality_loss_on_hand_built_prompts():
     same = np.ones((2, 2, 2, 2, 1), np.float32)
     # Gram of two identical unit rows is all ones: ||G - I||_F = sqrt(2).
     assert float(L.orthogonality_loss(same)) == pytest.approx(np.sqrt(2), rel=1e-6)
+    # A single prompt (Z = 1) is trivially orthogonal: loss ~0 with a finite, ~0 gradient.
+    g = jax.grad(L.orthogonality_loss)(np.ones((1, 2, 2, 2, 3), np.float32))
+    assert np.all(np.isfinite(g)) and np.abs(g).max() < 1e-6
 
 
 def test_task_similarity_loss_known_and_unknown():

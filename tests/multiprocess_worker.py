@@ -25,7 +25,7 @@ if int(nproc) > 1:
 
 from promptreg_jax import train  # noqa: E402
 
-config = tiny_config(root, total_steps=2, checkpoint_every_steps=100)
+config = tiny_config(root, stop_at_step=2, checkpoint_every_steps=100)
 result = train.train_and_evaluate(config, workdir)
 params = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), result["state"]["params"])
 if jax.process_index() == 0:

@@ -22,6 +22,19 @@ def _flat(tree):
             for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _assert_params_close(a, b):
+    """Parameters after Adam steps from two runs that differ only in reduction order.
+
+    Conv biases followed by instance norm (all but the flow heads') have an exactly zero
+    gradient; in float32 it is round-off of 1e-9, which Adam's first step normalises to +-lr.
+    Those are checked to 2 lr, everything else to 1% of lr.
+    """
+    assert set(a) == set(b)
+    for k in a:
+        dead = "bias" in k and "defconv" not in k
+        np.testing.assert_allclose(a[k], b[k], atol=2e-3 if dead else 1e-5, err_msg=k)
+
+
 def _load_config(name, arg=None):
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -30,39 +43,36 @@ def _load_config(name, arg=None):
 
 
 def test_sharded_step_equals_single_device_step(tmp_path):
+    # The same settings as train_and_evaluate on tiny_config, so the 4-device step is the very
+    # program the other training tests run (one compilation, shared through the cache).
     config = tiny_config(tmp_path)
-    settings = train.model_settings(config, num_tasks=3)
-    model = train.build_model(settings)
-    schedule = optim.make_schedule(1e-3, 10)
+    model = train.build_model(train.model_settings(config, num_tasks=5))
+    schedule = optim.make_schedule(config.optim.lr, 4, config.optim.power, 1, "step")
     tx = optim.make_optimizer(schedule)
-    weights = {"mind": 1.0, "smooth": 0.1, "ort": 1e-3, "ts": 1e-3}
+    weights = {k: float(config.loss[k]) for k in ("mind", "smooth", "ort", "ts")}
     rng = np.random.default_rng(0)
     batch = {"moving": rng.random((4, 16, 16, 16, 1), np.float32),
              "fixed": rng.random((4, 16, 16, 16, 1), np.float32),
-             "task_id": np.array([0, 2, -1, 1], np.int32)}
+             "task_id": np.array([0, 2, -1, 4], np.int32)}
     results = []
     for n in (1, 4):
         mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
         init, step, _, _ = train.make_train_fns(model, tx, schedule, weights, mesh,
-                                                (1, 16, 16, 16, 1), jax.random.PRNGKey(0))
-        state, metrics = step(init(jax.random.PRNGKey(0)), batch)
+                                                (1, 16, 16, 16, 1), jax.random.PRNGKey(42))
+        state, metrics = step(init(jax.random.PRNGKey(42)), batch)
         assert state["params"]["defconv1"]["kernel"].sharding.mesh.size == n
         results.append((_flat(state["params"]), jax.device_get(metrics)))
     (p1, m1), (p4, m4) = results
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
-    for k in p1:
-        # One Adam step moves each weight by about lr = 1e-3; reductions in another order
-        # change the last bits of the gradient, hence 1% of a step.
-        np.testing.assert_allclose(p1[k], p4[k], atol=1e-5, err_msg=k)
+    _assert_params_close(p1, p4)
 
 
 def test_resume_is_bit_identical(tmp_path):
-    straight = train.train_and_evaluate(tiny_config(tmp_path, total_steps=4), tmp_path / "a")
-    first = train.train_and_evaluate(tiny_config(tmp_path, total_steps=4, stop_at_step=2),
-                                     tmp_path / "b")
+    straight = train.train_and_evaluate(tiny_config(tmp_path), tmp_path / "a")
+    first = train.train_and_evaluate(tiny_config(tmp_path, stop_at_step=2), tmp_path / "b")
     assert first["step"] == 2 and first["eval"] == {}
-    resumed = train.train_and_evaluate(tiny_config(tmp_path, total_steps=4), tmp_path / "b")
+    resumed = train.train_and_evaluate(tiny_config(tmp_path), tmp_path / "b")
     assert resumed["step"] == 4
     a, b = _flat(straight["state"]["params"]), _flat(resumed["state"]["params"])
     for k in a:
@@ -97,10 +107,9 @@ def test_two_processes_equal_one_process(tmp_path):
         assert p.returncode == 0, err[-3000:]
         assert "of 2: 4 devices" in out
     a, b = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
-    assert set(a.files) == set(b.files)
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
-    for k in a.files:
-        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    _assert_params_close({k: a[k] for k in a.files if k != "loss"},
+                         {k: b[k] for k in b.files if k != "loss"})
 
 
 @pytest.mark.parametrize("name,arg", [("all_domains", None), ("leave_one_out", "hip"),
@@ -124,3 +133,18 @@ def test_every_config_builds_its_model(name, arg):
         assert "prompt_generator" not in params
     if name == "leave_one_out":
         assert z == 4 and [d["name"] for d in config.data.domains if d["held_out"]] == ["Hip"]
+
+
+def test_it_learns(tmp_path):
+    """The demo data at 32^3, one domain, 20 steps of batch 4: validation Dice (original
+    resolution, held-out subjects) rises above the identity by a clear margin."""
+    config = tiny_config(tmp_path, image=32, total_steps=20, final_eval=True)
+    config.data.domains = [d for d in config.data.domains if d["name"] == "Cardiac"]
+    config.data.synthetic.subjects = 8
+    config.data.synthetic.size = 32
+    config.data.pairs_per_domain = 80
+    config.data.eval_pairs_per_domain = 4
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    summary = result["eval"]["Cardiac"]
+    gain = summary["dice_mean"] - summary["dice_before_mean"]
+    assert gain > 0.05, summary
