@@ -40,7 +40,7 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
 
 def torch_uniform(fan_in: int) -> Callable:
-    """PyTorch's default Conv/Linear init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    """PyTorch's default Conv/Linear init of weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key, shape, dtype=jnp.float32):

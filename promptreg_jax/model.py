@@ -1,7 +1,7 @@
 """PromptReg: two encoders, the RDP recursive decoder and the registration prompt generator (RPG).
 
 SPEC sections 1 and 2. Submodule names echo the reference's PyTorch names (``encoder_moving``,
-``cconv_4``, ``defconv4``, ``upconv3``, ``prompt_generator``, ...) so that ``convert.py`` is a table.
+``cconv_4``, ``defconv4``, ``upconv3``, ``prompt_generator``, ...) so ``convert.py`` is a table.
 Images are ``(B, X, Y, Z, C)``; flows ``(B, X, Y, Z, 3)`` in voxels (see ``promptreg_jax.warp``).
 """
 
@@ -23,7 +23,7 @@ PROMPT_HEADS = ("spatial", "pooled_attention")
 
 
 def kaiming_normal_leaky(fan_in: int, a: float = 1e-2):
-    """``kaiming_normal_(a, mode='fan_in', nonlinearity='leaky_relu')``; fan_in in PyTorch layout."""
+    """``kaiming_normal_(a, mode='fan_in', nonlinearity='leaky_relu')``, PyTorch-layout fan_in."""
     std = math.sqrt(2.0 / (1.0 + a * a)) / math.sqrt(fan_in)
     return lambda key, shape, dtype=jnp.float32: std * jax.random.normal(key, shape, dtype)
 
@@ -133,7 +133,9 @@ class PromptReg(nn.Module):
     between levels ``u <- upsample(2u)`` (align corners). ``prompt_head``: ``"spatial"`` (the
     paper: the fusion output P) or ``"pooled_attention"`` (the authors' code, SPEC 2.4).
     ``temperature`` 0.1 is the paper's, 0.5 the code's. ``dtype`` is the conv compute dtype; norms,
-    flow heads, flows, warps and losses stay float32. ``remat`` checkpoints each decoder level.
+    flow heads, flows, warps and losses stay float32. ``remat`` checkpoints each decoder level
+    (``jax.checkpoint``) for accelerator training; XLA:CPU removes the recomputation again (its
+    CSE merges it with the forward), so on CPU it changes neither numbers nor peak memory.
     """
     channels: int = 16
     num_tasks: int = 5

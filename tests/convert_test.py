@@ -82,7 +82,8 @@ def test_conversion_errors_name_the_keys(state):
 @pytest.mark.parametrize("conv_impl", ["native", "depth_sum"])
 def test_parity_with_reference(ref, state, conv_impl):
     for head in HEADS:  # see the module docstring
-        np.testing.assert_array_equal(state[f"{head}.weight"], ref[f"perturbed/param/{head}.weight"])
+        np.testing.assert_array_equal(state[f"{head}.weight"],
+                                      ref[f"perturbed/param/{head}.weight"])
     perturbed = dict(state)
     perturbed.update({f"{h}.weight": ref[f"perturbed/param/{h}.weight"] for h in HEADS})
     params = convert_torch_state_dict(perturbed, num_tasks=5)
@@ -98,7 +99,8 @@ def test_parity_with_reference(ref, state, conv_impl):
     assert _rel(out["loss_ort"], ref["output/orthogonal_loss"]) <= 1e-4
     assert _rel(out["loss_ts"], ref["output/classification_loss"]) <= 1e-4
     for ours, theirs in INTERMEDIATES.items():
-        assert _rel(out["intermediates"][ours], channels_last(ref[f"intermediate/{theirs}"])) <= 1e-4
+        theirs = channels_last(ref[f"intermediate/{theirs}"])
+        assert _rel(out["intermediates"][ours], theirs) <= 1e-4, ours
     # At init the RPG's cosines are ~0: the weights are nearly uniform.
     np.testing.assert_allclose(np.sum(out["prompt_weights"]), 1.0, atol=1e-6)
     assert np.abs(out["prompt_weights"] - 0.2).max() < 0.02

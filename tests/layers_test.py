@@ -32,7 +32,8 @@ def _torch_conv3d(x, w, stride, pad):
     out_shape = [(n + 2 * pad - k) // stride + 1 for n in x.shape[1:]]
     out = np.zeros((w.shape[0], *out_shape))
     for i, j, l in itertools.product(*map(range, out_shape)):
-        patch = xp[:, i * stride:i * stride + k, j * stride:j * stride + k, l * stride:l * stride + k]
+        a, b, c = i * stride, j * stride, l * stride
+        patch = xp[:, a:a + k, b:b + k, c:c + k]
         out[:, i, j, l] = np.einsum("cxyz,ocxyz->o", patch, w)
     return out
 

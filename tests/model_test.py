@@ -203,7 +203,8 @@ def test_voxelmorph_remat_same_gradients():
 
     def grads(remat):
         model = VoxelMorph(int_steps=0, remat=remat)
-        loss = lambda p: jnp.mean((model.apply({"params": p}, moving, fixed)["warped"] - fixed) ** 2)
+        loss = lambda p: jnp.mean((model.apply({"params": p}, moving, fixed)["warped"] - fixed)
+                                  ** 2)
         return jax.jit(jax.grad(loss), compiler_options=FAST)(params)
 
     g0, g1 = grads(False), grads(True)
