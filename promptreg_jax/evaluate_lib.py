@@ -44,13 +44,53 @@ def pair_metrics(flow_net, moving_label, fixed_label, labels, spacing,
     }
 
 
+def field_metrics(flow_net, fixed_shape, moving_shape, learn2reg_sdlogj: bool = False) -> dict:
+    """The label-free metrics of one pair: folding and SDlogJ of the field on the fixed grid."""
+    d = np.asarray(resample_flow(np.asarray(flow_net, np.float32)[None], fixed_shape,
+                                 moving_shape=moving_shape))[0]
+    nan = float("nan")
+    return {"dice": nan, "dice_per_label": [], "hd95": nan,
+            "neg_jacobian_pct": 100.0 * metrics.fraction_nonpositive_jacobian(d),
+            "sdlogj": metrics.sdlogj(d, learn2reg_compatible=learn2reg_sdlogj)}
+
+
+def _spacing(item) -> tuple:
+    if "fixed_spacing" in item:
+        return tuple(item["fixed_spacing"])
+    meta = item.get("fixed_meta") or {}
+    return tuple(meta.get("spacing", (1.0, 1.0, 1.0)))
+
+
+def _original_shape(item, side: str):
+    label = item.get(f"{side}_label_orig")
+    if label is not None:
+        return label.shape
+    return tuple(item[f"{side}_meta"]["original_shape"])
+
+
+def predict_fn(model):
+    """``predict(params, moving, fixed) -> (flow, prompt_weights)``, jitted, no task id (inference).
+
+    The one inference program shared by evaluation and registration (one compilation per shape).
+    """
+    return jax.jit(lambda p, m, f: _apply_flow_weights(model, p, m, f))
+
+
+def _apply_flow_weights(model, params, moving, fixed):
+    out = model.apply({"params": params}, moving, fixed, None)
+    return out["flow"], out["prompt_weights"]
+
+
 def evaluate_pairs(predict: Callable, items: Iterable[dict], num_classes: int,
                    with_identity: bool = True, learn2reg_sdlogj: bool = False) -> list[dict]:
     """Runs ``predict(moving, fixed) -> (flow (1,X,Y,Z,3), prompt_weights (1,Z))`` on each item.
 
     Each item has network-size ``moving``/``fixed`` ``(1, X, Y, Z, 1)``, original-resolution
-    ``moving_label_orig``/``fixed_label_orig`` and ``fixed_spacing``. Returns one row per pair,
-    with the identity (before registration) Dice when ``with_identity``.
+    ``moving_label_orig``/``fixed_label_orig`` and the fixed voxel size (``fixed_spacing``, else
+    ``fixed_meta["spacing"]``, else 1 mm). A pair without labels (either label None) gets NaN
+    Dice/HD95 and its field metrics, the grids then taken from ``*_meta["original_shape"]``.
+    Returns one row per pair, with the identity (before registration) Dice when
+    ``with_identity``. ``runtime_s`` is the network's time for the pair (results on the host).
     """
     labels = list(range(1, num_classes))
     rows = []
@@ -59,11 +99,17 @@ def evaluate_pairs(predict: Callable, items: Iterable[dict], num_classes: int,
         flow, weights = predict(item["moving"], item["fixed"])
         flow = np.asarray(jax.device_get(flow))[0]
         runtime = time.perf_counter() - t0
-        row = pair_metrics(flow, item["moving_label_orig"], item["fixed_label_orig"], labels,
-                           item.get("fixed_spacing", (1.0, 1.0, 1.0)), learn2reg_sdlogj)
+        has_labels = item.get("moving_label_orig") is not None \
+            and item.get("fixed_label_orig") is not None
+        if has_labels:
+            row = pair_metrics(flow, item["moving_label_orig"], item["fixed_label_orig"], labels,
+                               _spacing(item), learn2reg_sdlogj)
+        else:
+            row = field_metrics(flow, _original_shape(item, "fixed"),
+                                _original_shape(item, "moving"), learn2reg_sdlogj)
         row["runtime_s"] = runtime
         row["prompt_weights"] = [float(w) for w in np.asarray(weights)[0]]
-        if with_identity:
+        if with_identity and has_labels:
             warped, _ = warp_labels_to_fixed(np.zeros_like(flow), item["moving_label_orig"],
                                              item["fixed_label_orig"].shape)
             before = metrics.dice(item["fixed_label_orig"], warped, labels)
