@@ -2,9 +2,10 @@
 
 Fixture note: its ``param/defconv{4,3,2,1}.weight`` equal ``perturbed/param/defconv*.weight`` (the
 perturbation was written into the saved state dict), so ``output/flow`` and ``output/y_moved``
-came from flow heads that are not in the file. Only the ``perturbed/*`` outputs can be compared;
-they exercise every part of the network (a deformation of up to 6 voxels). The
-``output/*`` losses and the intermediates do not depend on the heads and are compared too.
+came from flow heads that are not in the file; they are compared only if a regenerated fixture
+holds the original heads. The ``perturbed/*`` outputs exercise every part of the network (a
+deformation of up to 6 voxels). The ``output/*`` prompt losses and the intermediates do not
+depend on the heads and are compared.
 """
 
 import jax
@@ -81,17 +82,20 @@ def test_conversion_errors_name_the_keys(state):
 @pytest.mark.slow
 @pytest.mark.parametrize("conv_impl", ["native", "depth_sum"])
 def test_parity_with_reference(ref, state, conv_impl):
-    for head in HEADS:  # see the module docstring
-        np.testing.assert_array_equal(state[f"{head}.weight"],
-                                      ref[f"perturbed/param/{head}.weight"])
-    perturbed = dict(state)
-    perturbed.update({f"{h}.weight": ref[f"perturbed/param/{h}.weight"] for h in HEADS})
-    params = convert_torch_state_dict(perturbed, num_tasks=5)
     model = PromptReg(**REFERENCE, conv_impl=conv_impl)
+    apply = jax.jit(model.apply)
     moving = jnp.asarray(channels_last(ref["input/moving"]))
     fixed = jnp.asarray(channels_last(ref["input/fixed"]))
-    out = jax.jit(model.apply)({"params": params}, moving, fixed,
-                               jnp.array([int(ref["input/task_id"])]))
+    task_id = jnp.array([int(ref["input/task_id"])])
+    heads_saved = all(not np.array_equal(state[f"{h}.weight"], ref[f"perturbed/param/{h}.weight"])
+                      for h in HEADS)
+    if heads_saved:  # a fixture whose param/ holds the N(0, 1e-5) heads of output/*
+        out = apply({"params": convert_torch_state_dict(state, 5)}, moving, fixed, task_id)
+        assert np.abs(out["flow"] - channels_last(ref["output/flow"])).max() <= 1e-4
+        assert _rel(out["warped"], channels_last(ref["output/y_moved"])) <= 1e-4
+    perturbed = dict(state)
+    perturbed.update({f"{h}.weight": ref[f"perturbed/param/{h}.weight"] for h in HEADS})
+    out = apply({"params": convert_torch_state_dict(perturbed, 5)}, moving, fixed, task_id)
     flow_ref = channels_last(ref["perturbed/flow"])
     assert np.abs(flow_ref).max() > 5  # a real deformation
     assert np.abs(out["flow"] - flow_ref).max() <= 1e-4
