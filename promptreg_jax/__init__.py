@@ -11,5 +11,6 @@ from promptreg_jax.losses import (mind_loss, mind_ssc, orthogonality_loss, smoot
                                   task_similarity_loss)
 from promptreg_jax.metrics import (dice, dsc30, fraction_nonpositive_jacobian, hd95,
                                    jacobian_determinant, sdlogj)
+from promptreg_jax.model import PromptReg, count_params, get_model
 
 __version__ = "0.1.0"

@@ -159,24 +159,42 @@ def model_kwargs(params) -> dict:
     return kwargs
 
 
+def settings_for(params) -> dict:
+    """Full model settings (as ``checkpoint.load_params`` returns them) for a converted tree."""
+    kw = model_kwargs(params)
+    settings = dict(name="promptreg", channels=kw["channels"], num_tasks=kw.get("num_tasks", 0),
+                    use_prompt=kw.get("use_prompt", True),
+                    prompt_head=kw.get("prompt_head", "spatial"),
+                    temperature=kw.get("temperature", 0.1), schedule=[2, 2, 3, 1], int_steps=7,
+                    conv_impl="auto", dtype="float32", remat=False, image_size=[160, 160, 160])
+    if "prompt_generator" in params:  # the knowledge base is shaped by the input size / 8
+        settings["image_size"] = [8 * int(n) for n in
+                                  params["prompt_generator"]["static_prompt"].shape[1:4]]
+    return settings
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="PyTorch state dict: .npz (arrays by name) or .pth")
-    parser.add_argument("out_dir", help="new directory for the orbax checkpoint of the params")
+    parser.add_argument("out_dir", help="new run folder; register/evaluate/init_from accept it")
     parser.add_argument("--num-tasks", type=int, default=None, help="check the SKB size")
     args = parser.parse_args(argv)
-    import orbax.checkpoint as ocp
+    from promptreg_jax.checkpoint import Checkpointer
     from promptreg_jax.model import count_params
 
     out_dir = os.path.abspath(args.out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise SystemExit(f"{out_dir} exists and is not empty; choose a new directory")
-    params = convert_torch_state_dict(load_torch_checkpoint(args.checkpoint), args.num_tasks)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out_dir, params, force=True)
-    checkpointer.wait_until_finished()
-    print(f"wrote {count_params(params):,} parameters to {out_dir}")
-    print(f"model: PromptReg(**{model_kwargs(params)})")
+        raise SystemExit(f"error: {out_dir} exists and is not empty; choose a new directory")
+    try:
+        params = convert_torch_state_dict(load_torch_checkpoint(args.checkpoint), args.num_tasks)
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: {args.checkpoint}: {e}")
+    settings = settings_for(params)
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"))
+    ckpt.save(0, {"params": params}, {"model": settings, "source": os.path.abspath(args.checkpoint)})
+    ckpt.close()
+    print(f"wrote {count_params(params):,} parameters to {out_dir}/checkpoints/0")
+    print(f"model: PromptReg(**{model_kwargs(params)}), trained at {settings['image_size']}")
 
 
 if __name__ == "__main__":

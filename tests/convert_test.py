@@ -11,10 +11,10 @@ depend on the heads and are compared.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import channels_last, fixtures_dir, load_fixture
+from promptreg_jax.checkpoint import load_params
 from promptreg_jax.convert import (convert_torch_state_dict, load_torch_checkpoint, main,
                                    model_kwargs)
 from promptreg_jax.model import PromptReg, count_params
@@ -110,7 +110,7 @@ def test_parity_with_reference(ref, state, conv_impl):
     assert np.abs(out["prompt_weights"] - 0.2).max() < 0.02
 
 
-def test_load_and_cli_write_orbax(ref, tmp_path, capsys):
+def test_load_and_cli_write_run_folder(ref, tmp_path, capsys):
     path = str(fixtures_dir() / FIXTURE)
     loaded = load_torch_checkpoint(path)
     assert "input/moving" not in loaded and "warp.0.grid" in loaded
@@ -119,7 +119,10 @@ def test_load_and_cli_write_orbax(ref, tmp_path, capsys):
     printed = capsys.readouterr().out
     params = convert_torch_state_dict(loaded)
     assert f"wrote {count_params(params):,} parameters" in printed
-    restored = ocp.StandardCheckpointer().restore(str(out_dir))
+    # A run folder that register/evaluate/init_from read, with the settings to rebuild the model.
+    restored, meta, step = load_params(out_dir)
+    assert step == 0 and meta["model"]["image_size"] == [32, 32, 32]
+    assert meta["model"]["num_tasks"] == 5 and meta["model"]["prompt_head"] == "pooled_attention"
     np.testing.assert_array_equal(restored["defconv4"]["kernel"], params["defconv4"]["kernel"])
     np.testing.assert_array_equal(restored["prompt_generator"]["static_prompt"],
                                   params["prompt_generator"]["static_prompt"])
