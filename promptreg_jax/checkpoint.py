@@ -64,9 +64,22 @@ class Checkpointer:
         self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
 
-    def restore(self, abstract_state: Any, data_iterator=None):
-        """Restores the newest readable checkpoint: ``(state, meta, step)`` or ``None``."""
+    def restore(self, abstract_state: Any, data_iterator=None, check=None):
+        """Restores the newest readable checkpoint: ``(state, meta, step)`` or ``None``.
+
+        ``check(meta)`` runs on each checkpoint's metadata before its state is read, so an
+        incompatible checkpoint raises its own error instead of reading as "unreadable".
+        """
+        skipped = []
         for step in reversed(self.all_steps()):
+            if check is not None:
+                try:
+                    meta = self.manager.restore(
+                        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                except Exception:  # noqa: BLE001 - unreadable metadata: reported below
+                    meta = None
+                if meta is not None:
+                    check(meta)
             items = {"state": ocp.args.StandardRestore(abstract_state),
                      "meta": ocp.args.JsonRestore()}
             if data_iterator is not None and _GRAIN_RESTORE is not None:
@@ -76,7 +89,11 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any read failure means "try an older one"
                 log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
                             step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                skipped.append(step)
                 continue
+            for bad in skipped:  # the resumed run saves these steps again
+                log.warning("removing unreadable checkpoint step %d in %s", bad, self.directory)
+                self.manager.delete(bad)
             return out["state"], out["meta"], step
         return None
 

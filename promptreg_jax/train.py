@@ -176,10 +176,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    restored = checkpointer.restore(abstract_sharded, data.train_iter) if checkpointer.all_steps() else None
+    restored = checkpointer.restore(
+        abstract_sharded, data.train_iter,
+        check=lambda m: ckpt_lib.check_compatible(m, settings, str(checkpointer.directory))
+    ) if checkpointer.all_steps() else None
     if restored is not None:
         state, saved_meta, start = restored
-        ckpt_lib.check_compatible(saved_meta, settings, str(checkpointer.directory))
         log.info("resumed from %s at step %d", checkpointer.directory, start)
     else:
         state = init_state(rng)
@@ -302,6 +304,21 @@ def _progress(enabled, start, total):
                 file=sys.stderr, mininterval=1.0)
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with a bad ``--config.*`` override as one line instead of a traceback."""
+    from absl import app
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        name = str(e).strip("'\" ")
+        bad = [a.split("=")[0] for a in argv[1:]
+               if a.startswith("--config.") and name in a.split("=")[0].split(".")]
+        what = bad[0] if bad else "a --config.* override"
+        print(f"error: {what}: no such config option or invalid value ({name}); the options are "
+              f"the keys of the config file (see promptreg_jax/recipes.py)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     from absl import flags
     del argv
@@ -345,4 +362,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
     flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
