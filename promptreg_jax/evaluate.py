@@ -93,6 +93,12 @@ def table1_markdown(results_by_run: Mapping[str, Mapping[str, Mapping]],
     return "\n".join(lines) + ("\n\n" + footer if footer else "") + "\n"
 
 
+def initial_row(per_domain: Mapping[str, Mapping]) -> dict:
+    """A "before registration" row for ``table1_markdown``: each domain's identity Dice."""
+    return {d: {"dice_mean": s["dice_before_mean"], "dice_std": s.get("dice_before_std")}
+            for d, s in per_domain.items() if "dice_before_mean" in s}
+
+
 def metrics_markdown(per_domain: Mapping[str, Mapping], held_out: Sequence[str] = ()) -> str:
     """Every summary metric of one run, one row per domain."""
     cols = [("pairs", "pairs", None), ("Dice before", "dice_before", 3), ("Dice", "dice", 3),

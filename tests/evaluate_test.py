@@ -1,6 +1,7 @@
 """Evaluation CLI: per-domain CSV/JSON, results.md in the Table 1 layout, held-out marks, errors."""
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -69,6 +70,18 @@ def test_config_override_marks_held_out_domain(run, tmp_path):
     row = [l for l in (out / "results.md").read_text().splitlines() if l.startswith("| w/o Hip")]
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells[-1].endswith("*") and not any(c.endswith("*") for c in cells[1:-1])
+
+    # experiments/make_table.py assembles such folders into one table, rows in argument order.
+    spec = importlib.util.spec_from_file_location("make_table", REPO_ROOT / "experiments" /
+                                                  "make_table.py")
+    make_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_table)
+    table = tmp_path / "table.md"
+    assert make_table.main(["--out", str(table), f"w/o Hip={out}", f"again={out}"]) == 0
+    lines = table.read_text().splitlines()
+    assert lines[2].startswith("| w/o Hip |") and lines[2].endswith("* |")
+    assert lines[3].startswith("| again |")
+    assert make_table.main(["--out", str(table), f"x={tmp_path}"]) == 2
 
 
 def test_table1_markdown_layout():
