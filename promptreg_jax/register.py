@@ -137,6 +137,7 @@ def save_like(data: np.ndarray, reference, path: str | os.PathLike, dtype=np.flo
     else:
         img.header.set_intent(intent, (), name="displacement")
     img.header["descrip"] = description.encode()[:79]
+    img.header["cal_min"] = img.header["cal_max"] = 0  # the fixed image's display window
     # The fixed file's own geometry fields, so every reader sees the fixed grid exactly.
     q, qcode = reference.header.get_qform(coded=True)
     s, scode = reference.header.get_sform(coded=True)
