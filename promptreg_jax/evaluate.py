@@ -416,6 +416,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on metadata files
     from promptreg_jax import checkpoint as ckpt_lib
     enable_compilation_cache()
     try:
