@@ -111,30 +111,47 @@ def find_checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
+def _restore_on_host(step_dir: pathlib.Path):
+    """``(state, meta)`` of one step folder, every array restored as numpy on the host.
+
+    Reading against the saved tree itself (not a sharded target) lets a checkpoint written on N
+    devices load in a process with any number of devices.
+    """
+    ck = ocp.PyTreeCheckpointer()
+    tree = ck.metadata(step_dir / "state").item_metadata
+    tree = dict(getattr(tree, "tree", tree))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = ck.restore(step_dir / "state",
+                       args=ocp.args.PyTreeRestore(item=None, restore_args=restore_args))
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+    return state, meta
+
+
 def load_params(path: str | os.PathLike):
     """Loads ``(params, meta, step)`` from the newest readable checkpoint under ``path``.
 
-    ``meta`` holds the model settings (``meta["model"]``) needed to rebuild the network.
+    ``path`` is a workdir, its ``checkpoints`` folder or one step folder. Parameters come back
+    as numpy arrays whatever the device count of the run that wrote them; ``meta["model"]``
+    holds the settings that rebuild the network.
     """
     directory = find_checkpoint_dir(path)
-    step_dir = None
     if (directory / "state").is_dir() and (directory / "meta").is_dir():
-        step_dir, directory = directory, directory.parent
-    manager = _manager(directory)
-    steps = [int(step_dir.name)] if step_dir is not None else sorted(manager.all_steps())[::-1]
+        steps = [directory]
+    else:
+        steps = sorted((d for d in directory.iterdir()
+                        if d.name.isdigit() and (d / "state").is_dir() and (d / "meta").is_dir()),
+                       key=lambda d: int(d.name), reverse=True)
     if not steps:
         raise CheckpointError(f"no checkpoint found under {directory}; train first with "
                               f"python -m promptreg_jax.train --config ... --workdir DIR")
-    for step in steps:
+    for step_dir in steps:
         try:
-            out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                meta=ocp.args.JsonRestore()))
-        except Exception as e:  # noqa: BLE001
-            log.warning("checkpoint step %d under %s is unreadable (%s); trying an older one",
-                        step, directory, type(e).__name__)
+            state, meta = _restore_on_host(step_dir)
+        except Exception as e:  # noqa: BLE001 - an unreadable step: try an older one
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", step_dir,
+                        type(e).__name__)
             continue
-        params = jax.tree.map(np.asarray, out["state"]["params"])
-        return params, out["meta"], step
+        return jax.tree.map(np.asarray, state["params"]), meta, int(step_dir.name)
     raise CheckpointError(f"no readable checkpoint under {directory}")
 
 

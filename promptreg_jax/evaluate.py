@@ -157,42 +157,9 @@ def config_from_meta(meta: dict, source: str):
     return ml_collections.ConfigDict(meta["config"])
 
 
-def _step_dirs(path) -> list[pathlib.Path]:
-    """Step folders (``<n>/state`` + ``<n>/meta``) under a workdir/checkpoints/step path, newest first."""
-    from promptreg_jax import checkpoint as ckpt_lib
-    directory = ckpt_lib.find_checkpoint_dir(path)
-    if (directory / "state").is_dir() and (directory / "meta").is_dir():
-        return [directory]
-    steps = [d for d in directory.iterdir() if d.name.isdigit() and (d / "state").is_dir()
-             and (d / "meta").is_dir() and (d / "commit_success.txt").exists()]
-    return sorted(steps, key=lambda d: int(d.name), reverse=True)
-
-
 def load_checkpoint(path: str | os.PathLike):
-    """``(params, meta, step)`` of the newest readable checkpoint, on the host, any topology.
-
-    The parameters are restored as numpy arrays from the saved tree itself, so a checkpoint
-    written by a run on N devices loads in a process with any number of devices. When no step
-    reads this way, ``checkpoint.load_params`` gives the verdict (and its error message).
-    """
-    import jax
-    import orbax.checkpoint as ocp
+    """``(params, meta, step)`` of the newest readable checkpoint, on the host, any topology."""
     from promptreg_jax import checkpoint as ckpt_lib
-    for step_dir in _step_dirs(path):
-        try:
-            ck = ocp.PyTreeCheckpointer()
-            tree = ck.metadata(step_dir / "state").item_metadata
-            tree = dict(getattr(tree, "tree", tree))
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            state = ck.restore(step_dir / "state",
-                               args=ocp.args.PyTreeRestore(item=None, restore_args=restore_args))
-            meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
-            params = jax.tree.map(np.asarray, state["params"])
-        except Exception as e:  # noqa: BLE001 - unreadable step: try an older one
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", step_dir,
-                        type(e).__name__)
-            continue
-        return params, meta, int(step_dir.name)
     return ckpt_lib.load_params(path)
 
 

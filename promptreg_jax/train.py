@@ -27,6 +27,7 @@ from promptreg_jax import checkpoint as ckpt_lib
 from promptreg_jax import evaluate_lib, losses, optim
 from promptreg_jax import data as data_lib
 from promptreg_jax.model import get_model
+from promptreg_jax.multihost import sync_processes
 
 log = logging.getLogger("promptreg_jax.train")
 
@@ -176,6 +177,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    if jax.process_count() > 1:
+        # Compile the step before the first collective and meet there: gloo gives processes
+        # 30 s to meet, and compiling this network can take minutes.
+        batch_spec = {"moving": jax.ShapeDtypeStruct((global_batch, *shape[1:]), jnp.float32,
+                                                     sharding=data_sharding),
+                      "fixed": jax.ShapeDtypeStruct((global_batch, *shape[1:]), jnp.float32,
+                                                    sharding=data_sharding),
+                      "task_id": jax.ShapeDtypeStruct((global_batch,), jnp.int32,
+                                                      sharding=data_sharding)}
+        init_state = init_state.lower(rng).compile()
+        train_step = train_step.lower(abstract_sharded, batch_spec).compile()
+        sync_processes("compiled")
     restored = checkpointer.restore(
         abstract_sharded, data.train_iter,
         check=lambda m: ckpt_lib.check_compatible(m, settings, str(checkpointer.directory))
@@ -200,12 +213,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(str(workdir / "tensorboard"))
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    predict = jax.jit(lambda p, m, f: _predict(model, p, m, f))
+    predict = evaluate_lib.predict_fn(model)
 
     def validate(step, final=False):
+        # A host copy of the replicated parameters: every process evaluates on its own first
+        # device (the same numbers everywhere; process 0 reports them).
+        params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state["params"])
         results = {}
         for domain, items in data.eval_items().items():
-            rows = evaluate_lib.evaluate_pairs(lambda m, f: predict(state["params"], m, f),
+            rows = evaluate_lib.evaluate_pairs(lambda m, f: predict(params, m, f),
                                                items, domain.num_classes)
             summary = evaluate_lib.summarize(rows)
             results[domain.name] = summary
@@ -263,11 +279,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.close()
     checkpointer.close()
     return {"step": step, "train": last_metrics, "eval": results, "state": state}
-
-
-def _predict(model, params, moving, fixed):
-    out = model.apply({"params": params}, moving, fixed, None)
-    return out["flow"], out["prompt_weights"]
 
 
 def _fmt(metrics, keys=None):

@@ -27,8 +27,8 @@ def synthetic_root(syn) -> str:
 
 def _barrier(name: str, process_count: int):
     if process_count > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+        from promptreg_jax.multihost import sync_processes
+        sync_processes(name)
 
 
 @dataclasses.dataclass
