@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from promptreg_jax import evaluate, train
-    evaluate.enable_compilation_cache()
+    from promptreg_jax.cli import enable_compilation_cache
+    enable_compilation_cache()
     out = pathlib.Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

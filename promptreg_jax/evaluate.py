@@ -173,15 +173,6 @@ def model_from_checkpoint(path: str):
     return build_model(meta["model"]), params, meta, step
 
 
-def enable_compilation_cache() -> None:
-    """Reuses compiled programs across runs (the network takes a while to compile on CPU)."""
-    import jax
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                             "promptreg_jax", "xla")
-        jax.config.update("jax_compilation_cache_dir", cache)
-
-
 # ------------------------------------------------------------------------------------ evaluation
 def test_pairs_by_domain(config, cache_dir: str, max_pairs: int = 0):
     """``[(Domain, pairs, cache, image_size)]``: the test pairs of every configured domain."""
@@ -383,18 +374,8 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on metadata files
-    from promptreg_jax import checkpoint as ckpt_lib
-    enable_compilation_cache()
-    try:
-        run(args)
-    except (ValueError, ckpt_lib.CheckpointError) as e:  # DataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
-    return 0
+    from promptreg_jax.cli import run_cli
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -617,19 +617,8 @@ def run(args) -> list[dict]:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    from promptreg_jax import checkpoint as ckpt_lib
-    from promptreg_jax.evaluate import enable_compilation_cache
-    enable_compilation_cache()
-    try:
-        run(args)
-    except (ValueError, ckpt_lib.CheckpointError) as e:  # DataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
-    return 0
+    from promptreg_jax.cli import run_cli
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

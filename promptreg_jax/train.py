@@ -337,12 +337,8 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
-    # Reuse compiled programs across runs (the full network takes tens of seconds to compile
-    # on CPU). JAX_COMPILATION_CACHE_DIR overrides the folder.
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                             "promptreg_jax", "xla")
-        jax.config.update("jax_compilation_cache_dir", cache)
+    from promptreg_jax.cli import enable_compilation_cache
+    enable_compilation_cache()  # the network takes tens of seconds to compile on CPU
     if flags_.coordinator_address:  # multi-process run (one process per host or per GPU)
         jax.distributed.initialize(flags_.coordinator_address, flags_.num_processes,
                                    flags_.process_id)
