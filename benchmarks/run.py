@@ -319,30 +319,20 @@ def main(argv=None) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="promptreg_bench_")
     try:
         for size in args.sizes:
-            if "train" in args.what:
-                r = run_child("train", size, args)
+            for what, key, unit in (("train", "step_s", "s/step"), ("infer", "pair_s", "s/pair")):
+                if what not in args.what:
+                    continue
+                r = run_child(what, size, args)
                 if "error" not in r:
-                    r["ratio"] = r["step_s"] / (r["flops"] / rate)
-                    print(f"train {size}^3: compile {r['compile_s']:.1f} s, step {r['step_s']:.2f} s "
+                    r["ratio"] = r[key] / (r["flops"] / rate)
+                    print(f"{what} {size}^3: compile {r['compile_s']:.1f} s, {r[key]:.2f} {unit} "
                           f"(median of {args.repeats}), {r['flops'] / 1e12:.3f} TFLOP, ratio to "
                           f"matmul bound {r['ratio']:.1f}, peak RSS {r['rss_gib']:.2f} GiB"
                           + (f", device peak {r['device_peak_gib']:.2f} GiB"
                              if "device_peak_gib" in r else "") + f" {tag}", flush=True)
                 else:
-                    print(f"train {size}^3: not measured ({r['error']}) {tag}", flush=True)
-                results["train"].append(r)
-            if "infer" in args.what:
-                r = run_child("infer", size, args)
-                if "error" not in r:
-                    r["ratio"] = r["pair_s"] / (r["flops"] / rate)
-                    print(f"infer {size}^3: compile {r['compile_s']:.1f} s, {r['pair_s']:.2f} s/pair, "
-                          f"{r['flops'] / 1e12:.3f} TFLOP, ratio to matmul bound {r['ratio']:.1f}, "
-                          f"peak RSS {r['rss_gib']:.2f} GiB"
-                          + (f", device peak {r['device_peak_gib']:.2f} GiB"
-                             if "device_peak_gib" in r else "") + f" {tag}", flush=True)
-                else:
-                    print(f"infer {size}^3: not measured ({r['error']}) {tag}", flush=True)
-                results["infer"].append(r)
+                    print(f"{what} {size}^3: not measured ({r['error']}) {tag}", flush=True)
+                results[what].append(r)
             if "mind" in args.what:
                 r = bench_mind(size, args)
                 print(f"mind {size}^3 fwd+bwd: fast {r['fast']['fwd_bwd_s'] * 1e3:.1f} ms, "
