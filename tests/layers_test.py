@@ -90,6 +90,45 @@ def test_depth_sum_equals_native_forward_and_gradient(stride, k, pad):
         assert _rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("cin,cout,k,pad", [
+    (3, 5, 3, ((1, 1),) * 3),            # depth_stacked forward (Cout < 96)
+    (5, 96, 3, ((1, 1),) * 3),           # depth_sum forward
+    (1, 6, 3, ((1, 1),) * 3),            # "taps" forward (Cin = 1)
+    (2, 6, 3, ((1, 1),) * 3),            # "columns" forward (Cin <= 4)
+    (6, 3, 3, ((1, 1),) * 3),            # "shift_sum" forward (Cout <= 4)
+    (5, 6, 1, ((0, 0),) * 3),            # 1x1x1
+    (5, 6, 2, ((1, 0), (0, 1), (1, 1)))])  # the transposed conv's 2x2x2 form
+def test_cpu_conv_custom_vjp_equals_native(cin, cout, k, pad):
+    """The CPU conv's automatic forms (forward by channels, dK by plane loop on 16x16 planes)."""
+    x, kernel = _normal(0, (2, 5, 16, 16, cin)), _normal(1, (k, k, k, cin, cout))
+    target = _normal(2, jax.eval_shape(lambda: L.conv3d(x, kernel, 1, pad)).shape)
+
+    def loss(x, kernel, impl):
+        return jnp.sum(L.conv3d(x, kernel, 1, pad, impl) * target)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    ref, out = fn(x, kernel, "native"), fn(x, kernel, "depth_sum")
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
+        assert _rel(a, b) < 2e-5
+
+
+def test_cpu_conv_every_form_equals_native():
+    """Each forward form and each dK form, forced, on one small problem."""
+    pad = ((1, 0), (1, 1), (0, 1))
+    x, kernel = _normal(0, (2, 6, 5, 7, 3)), _normal(1, (3, 3, 3, 3, 4))
+    dy = _normal(2, jax.eval_shape(lambda: L.conv3d(x, kernel, 1, pad)).shape)
+    y_ref, vjp = jax.vjp(lambda x, k: L.conv3d(x, k, 1, pad, "native"), x, kernel)
+    dx_ref, dk_ref = vjp(dy)
+    for form in ("depth_sum", "depth_stacked", "taps", "columns", "shift_sum"):
+        assert _rel(jax.jit(L._conv_forward, static_argnums=(2, 3))(x, kernel, pad, form),
+                    y_ref) < 1e-5, form
+        assert _rel(jax.jit(L._input_grad, static_argnums=(2, 3))(dy, kernel, pad, form),
+                    dx_ref) < 1e-5, form
+    for form in ("planes", "autodiff"):
+        assert _rel(jax.jit(L._kernel_grad, static_argnums=(3, 4))(x, dy, kernel, pad, form),
+                    dk_ref) < 1e-5, form
+
+
 def test_conv_transpose_depth_sum_equals_native_gradient():
     x = _normal(0, (2, 3, 4, 5, 6))
     kernel = _normal(1, (4, 4, 4, 5, 6))
