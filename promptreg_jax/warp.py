@@ -55,35 +55,67 @@ def _corners(coords_Px3, shape):
         yield flat, weight, dweight
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _sample_linear(volume_NxC, coords_Px3, shape):
-    """Trilinear samples of a flattened ``(N, C)`` volume at ``(P, 3)`` voxel coordinates.
-
-    A custom VJP: the backward pass re-gathers the 8 corners instead of keeping them (8 P C
-    floats per call), and needs no batched gather or scatter, which XLA:CPU runs slowly.
-    """
+def _linear_forward(volume_NxC, coords_Px3, shape):
     out = 0.0
     for flat, weight, _ in _corners(coords_Px3, shape):
         out = out + weight[:, None] * jnp.take(volume_NxC, flat, axis=0)
     return out.astype(volume_NxC.dtype)
 
 
-def _sample_linear_fwd(volume_NxC, coords_Px3, shape):
-    return _sample_linear(volume_NxC, coords_Px3, shape), (volume_NxC, coords_Px3)
-
-
-def _sample_linear_bwd(shape, res, g):
-    volume_NxC, coords_Px3 = res
+def _linear_backward(volume_NxC, coords_Px3, shape, g):
+    """(d volume, d coords): the 8 corners re-gathered, scatter-added; no batched ops."""
     d_volume = jnp.zeros(volume_NxC.shape, g.dtype)
     d_coords = jnp.zeros(coords_Px3.shape, jnp.float32)
     for flat, weight, dweight in _corners(coords_Px3, shape):
         rows = jnp.take(volume_NxC, flat, axis=0)
         d_coords = d_coords + dweight * jnp.sum(rows * g, axis=-1, keepdims=True)
         d_volume = d_volume.at[flat].add(weight[:, None] * g)
-    return d_volume.astype(volume_NxC.dtype), d_coords.astype(coords_Px3.dtype)
+    return d_volume.astype(volume_NxC.dtype), d_coords
+
+
+# Trilinear sampling has a custom VJP: the backward pass re-gathers the 8 corners instead of
+# keeping them (8 P C floats per call) and uses no batched gather/scatter (slow on XLA:CPU).
+# ``_warp_linear`` takes the displacement and keeps only (volume, flow) for the backward pass, so
+# a squaring step ``u + warp(u, u)`` keeps one field, not a field and its coordinates.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _sample_linear(volume_NxC, coords_Px3, shape):
+    """Trilinear samples of a flattened ``(N, C)`` volume at ``(P, 3)`` voxel coordinates."""
+    return _linear_forward(volume_NxC, coords_Px3, shape)
+
+
+def _sample_linear_fwd(volume_NxC, coords_Px3, shape):
+    return _linear_forward(volume_NxC, coords_Px3, shape), (volume_NxC, coords_Px3)
+
+
+def _sample_linear_bwd(shape, res, g):
+    d_volume, d_coords = _linear_backward(*res, shape, g)
+    return d_volume, d_coords.astype(res[1].dtype)
 
 
 _sample_linear.defvjp(_sample_linear_fwd, _sample_linear_bwd)
+
+
+def _grid_coords(flow_Px3, shape):
+    return identity_grid(shape, flow_Px3.dtype).reshape(-1, 3) + flow_Px3
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _warp_linear(volume_NxC, flow_Px3, shape):
+    """``_sample_linear`` at ``grid + flow`` (the flow on the volume's own grid)."""
+    return _linear_forward(volume_NxC, _grid_coords(flow_Px3, shape), shape)
+
+
+def _warp_linear_fwd(volume_NxC, flow_Px3, shape):
+    return _warp_linear(volume_NxC, flow_Px3, shape), (volume_NxC, flow_Px3)
+
+
+def _warp_linear_bwd(shape, res, g):
+    volume_NxC, flow_Px3 = res
+    d_volume, d_coords = _linear_backward(volume_NxC, _grid_coords(flow_Px3, shape), shape, g)
+    return d_volume, d_coords.astype(flow_Px3.dtype)
+
+
+_warp_linear.defvjp(_warp_linear_fwd, _warp_linear_bwd)
 
 
 def _sample_nearest(volume_NxC, coords_Px3, shape):
@@ -109,17 +141,22 @@ def sample(volume, coords, order: int = 1):
     if order not in (0, 1):
         raise ValueError(f"sample: order must be 0 or 1, got {order}")
     shape = tuple(volume.shape[1:4])
-    B, C = volume.shape[0], volume.shape[-1]
     out_shape = coords.shape[1:-1]
     fn = _sample_linear if order == 1 else _sample_nearest
 
-    def one(vol, crd):
-        return fn(vol.reshape(-1, C), crd.reshape(-1, 3), shape).reshape(*out_shape, C)
+    return _per_sample(fn, volume, coords.astype(jnp.float32), shape, out_shape)
 
-    coords = coords.astype(jnp.float32)
-    if B == 1:  # no vmap: XLA:CPU runs batched gathers several times slower
-        return one(volume[0], coords[0])[None]
-    return jax.vmap(one)(volume, coords)
+
+def _per_sample(fn, volume, points, shape, out_shape):
+    """``fn(volume (N, C), points (P, 3), shape)`` per batch entry, reshaped to ``out_shape``."""
+    C = volume.shape[-1]
+
+    def one(vol, pts):
+        return fn(vol.reshape(-1, C), pts.reshape(-1, 3), shape).reshape(*out_shape, C)
+
+    if volume.shape[0] == 1:  # no vmap: XLA:CPU runs batched gathers several times slower
+        return one(volume[0], points[0])[None]
+    return jax.vmap(one)(volume, points)
 
 
 def warp(image, flow, order: int = 1):
@@ -127,6 +164,9 @@ def warp(image, flow, order: int = 1):
     if flow.shape[:4] != image.shape[:4] or flow.shape[-1] != 3:
         raise ValueError(f"warp: flow {flow.shape} must be (B,X,Y,Z,3) on the image grid "
                          f"{image.shape}")
+    if order == 1:
+        shape = tuple(image.shape[1:4])
+        return _per_sample(_warp_linear, image, flow.astype(jnp.float32), shape, shape)
     return sample(image, identity_grid(flow.shape[1:4], flow.dtype)[None] + flow, order)
 
 
