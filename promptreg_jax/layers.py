@@ -89,6 +89,7 @@ def conv3d(x, kernel, strides: int = 1, padding: Padding = ((1, 1),) * 3,
 # Only the inputs x and kernel are kept for the backward pass.
 _SMALL_CHANNELS = 4
 _PLANE_VOXELS_FOR_LOOP = 256
+_STACKED_CHUNK_BYTES = 64 * 2 ** 20
 
 
 def _mm(a, b, dtype):
@@ -117,17 +118,35 @@ def _conv_depth_sum(x, kernel, strides, padding):
 
 
 def _conv_depth_stacked(x, kernel, padding):
-    """Stride 1: one 2D conv of every padded depth plane with the ``kx`` depth taps' kernels
-    stacked on the output channels, then the sum of the taps' outputs shifted along depth."""
+    """Stride 1: a 2D conv of every padded depth plane with the ``kx`` depth taps' kernels
+    stacked on the output channels, then the sum of the taps' outputs shifted along depth.
+
+    Runs over chunks of output planes so that the stacked output (``kx`` times the output)
+    stays under about ``_STACKED_CHUNK_BYTES``.
+    """
     B = x.shape[0]
     kx, cout = kernel.shape[0], kernel.shape[-1]
-    xp = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
-    Xo = xp.shape[1] - kx + 1
+    Xo, Yo, Zo = _out_sizes(x.shape[1:4], kernel.shape[:3], padding)
     stacked = jnp.moveaxis(kernel, 0, 3).reshape(*kernel.shape[1:3], kernel.shape[3], kx * cout)
-    y = lax.conv_general_dilated(xp.reshape(-1, *xp.shape[2:]), stacked, (1, 1), padding[1:],
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = y.reshape(B, xp.shape[1], *y.shape[1:3], kx, cout)
-    return sum(y[:, t:t + Xo, :, :, t] for t in range(kx))
+    plane_bytes = B * Yo * Zo * kx * cout * x.dtype.itemsize
+    chunk = max(1, min(Xo, _STACKED_CHUNK_BYTES // max(plane_bytes, 1)))
+    chunk = next(c for c in range(chunk, 0, -1) if Xo % c == 0)
+
+    def planes(w):  # w: (B, chunk + kx - 1, Y, Z, C) input planes -> (B, chunk, Yo, Zo, cout)
+        y = lax.conv_general_dilated(w.reshape(-1, *w.shape[2:]), stacked, (1, 1), padding[1:],
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = y.reshape(B, w.shape[1], *y.shape[1:3], kx, cout)
+        return sum(y[:, t:t + chunk, :, :, t] for t in range(kx))
+
+    if chunk == Xo:
+        return planes(jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0))))
+
+    def body(i, w, out):
+        return lax.dynamic_update_slice_in_dim(out, planes(w), i * chunk, axis=1)
+
+    init = jnp.zeros((B, Xo, Yo, Zo, cout), x.dtype)
+    pad3 = (padding[0], (0, 0), (0, 0))
+    return _plane_loop(x, kernel.shape[:3], pad3, chunk, body, init)
 
 
 def _plane_loop(x, kshape, padding, chunk, plane_fn, init):

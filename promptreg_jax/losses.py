@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from promptreg_jax.remat import checkpoint
+
 # The six 6-neighbourhood positions of a 3x3x3 kernel, in the reference's order.
 _SIX = np.array([[0, 1, 1], [1, 1, 0], [1, 0, 1], [1, 1, 2], [2, 1, 1], [1, 2, 1]])
 # Pairs (i, j), i > j in row-major order, at squared distance 2: the reference's 12 edges.
@@ -71,7 +73,10 @@ def mind_ssc(image, radius: int = 2, dilation: int = 2):
 @jax.jit
 def mind_loss(warped, fixed):
     """Mean squared difference of the MIND-SSC (r=2, d=2) descriptors of two image batches."""
-    return jnp.mean((mind_ssc(warped) - mind_ssc(fixed)) ** 2)
+    # Checkpointed: the backward pass recomputes the descriptors from the images instead of
+    # keeping a dozen 12-channel intermediates per image (the largest tensors at full size).
+    descriptor = checkpoint(mind_ssc)
+    return jnp.mean((descriptor(warped) - descriptor(fixed)) ** 2)
 
 
 def smoothness_loss(flow):

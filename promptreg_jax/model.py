@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from promptreg_jax.layers import (CONV_IMPLS, Conv3D, ConvInsBlock, ConvInsBlocks, ResBlock,
                                   UpConvBlock, torch_uniform)
+from promptreg_jax.remat import checkpoint_module_fn
 from promptreg_jax.losses import cosine_similarity, orthogonality_loss, task_similarity_loss
 from promptreg_jax.warp import compose, integrate, upsample_flow, warp
 
@@ -133,9 +134,9 @@ class PromptReg(nn.Module):
     between levels ``u <- upsample(2u)`` (align corners). ``prompt_head``: ``"spatial"`` (the
     paper: the fusion output P) or ``"pooled_attention"`` (the authors' code, SPEC 2.4).
     ``temperature`` 0.1 is the paper's, 0.5 the code's. ``dtype`` is the conv compute dtype; norms,
-    flow heads, flows, warps and losses stay float32. ``remat`` checkpoints each decoder level
-    (``jax.checkpoint``) for accelerator training; XLA:CPU removes the recomputation again (its
-    CSE merges it with the forward), so on CPU it changes neither numbers nor peak memory.
+    flow heads, flows, warps and losses stay float32. ``remat`` keeps only the inputs of each
+    encoder and each decoder level for the backward pass and recomputes them there (``promptreg_jax.remat``: unlike
+    ``jax.checkpoint`` this also saves memory on XLA:CPU); the numbers are unchanged.
     """
     channels: int = 16
     num_tasks: int = 5
@@ -209,8 +210,11 @@ class PromptReg(nn.Module):
             raise ValueError(f"spatial size {moving.shape[1:4]} must be divisible by 8 "
                              f"(three stride-2 levels)")
         B = moving.shape[0]
-        M = self.encoder_moving(moving.astype(self.dtype))
-        F = self.encoder_fixed(fixed.astype(self.dtype))
+        remat = self.remat and not self.is_initializing()
+        encode = lambda mdl, name, x: getattr(mdl, name)(x)
+        encode = checkpoint_module_fn(encode, self, static=(0,)) if remat else encode
+        M = encode(self, "encoder_moving", moving.astype(self.dtype))
+        F = encode(self, "encoder_fixed", fixed.astype(self.dtype))
         c4 = self.cconv_4(jnp.concatenate([F[3], M[3]], -1))
         inter = {"encoder_moving_level0": M[0], "c4_after_cconv_4": c4}
         zero = jnp.zeros((), jnp.float32)
@@ -223,7 +227,8 @@ class PromptReg(nn.Module):
         feat, flow = c4, None
         for level in (4, 3, 2, 1):
             fn = lambda mdl, *args, level=level: PromptReg._decode_level(mdl, level, *args)
-            fn = nn.remat(fn) if self.remat else fn
+            if remat:
+                fn = checkpoint_module_fn(fn, self)
             feat, flow = fn(self, F[level - 1], M[level - 1], feat, flow)
         return {"flow": flow, "warped": warp(moving, flow), "prompt_weights": weights,
                 "loss_ort": loss_ort, "loss_ts": loss_ts, "intermediates": inter}
