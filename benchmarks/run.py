@@ -1,6 +1,6 @@
 """Speed and memory benchmarks for promptreg-jax: training step, inference, MIND loss, loader.
 
-    python benchmarks/run.py [--sizes 64 96 128] [--include-160] [--what train,infer,mind,loader]
+    python benchmarks/run.py [--sizes 64 96 128] [--include-160] [--what train,infer,conv,mind,loader]
                              [--repeats 3] [--conv-impl auto] [--dtype float32] [--remat]
                              [--json OUT.json]
 
@@ -13,7 +13,11 @@ as fast as a dense matmul of the same FLOP count on this machine.
 
 Each (size, train|infer) measurement runs in its own subprocess, so that its peak memory (process
 ``ru_maxrss`` on CPU, ``memory_stats()["peak_bytes_in_use"]`` on an accelerator) belongs to it
-alone and a step that is too slow or too large (``--child-timeout``) cannot stop the run.
+alone and a step that is too slow or too large (``--child-timeout``) cannot stop the run. On
+Linux the peak RSS is also reported for the steps alone (``run_rss_gib``: the kernel's peak mark
+is reset after compiling, which itself can take gigabytes), with XLA's planned temp memory
+(``plan_temp_gib``, from ``compiled.memory_analysis()``). ``--what conv`` times the network's
+costliest convolutions in both implementations (``model.conv_impl``) and checks they agree.
 """
 
 from __future__ import annotations
@@ -84,6 +88,39 @@ def peak_memory() -> dict:
     return out
 
 
+def reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark (Linux ``clear_refs`` 5), so that a later
+    :func:`run_peak_rss_gib` covers only what runs afterwards (not XLA's compilation)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_peak_rss_gib():
+    """``VmHWM`` (peak RSS since the last reset) in GiB, or None where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return None
+
+
+def planned_memory(compiled) -> dict:
+    """XLA's buffer plan for a compiled program (temp = activations and workspace), in GiB."""
+    try:
+        ma = compiled.memory_analysis()
+        return dict(plan_temp_gib=ma.temp_size_in_bytes / 2 ** 30,
+                    plan_args_gib=ma.argument_size_in_bytes / 2 ** 30)
+    except Exception:  # not every backend reports it
+        return {}
+
+
 def _block(x):
     import jax
     return jax.block_until_ready(x)
@@ -128,6 +165,7 @@ def bench_train(size: int, args) -> dict:
     t = time.perf_counter()
     step = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
+    reset = reset_peak_rss()
     times = []
     for i in range(args.repeats + 1):  # the first call is the warm-up
         t = time.perf_counter()
@@ -136,8 +174,9 @@ def bench_train(size: int, args) -> dict:
             times.append(time.perf_counter() - t)
     flops = 3 * fwd_flops(size) * nb
     return dict(size=size, batch=nb, init_s=init_s, compile_s=compile_s, step_s=statistics.median(times),
-                step_times_s=times, flops=flops, params=int(n_params),
-                loss=float(metrics["loss"]), **peak_memory())
+                step_times_s=times, flops=flops, params=int(n_params), remat=bool(args.remat),
+                loss=float(metrics["loss"]), run_rss_gib=run_peak_rss_gib() if reset else None,
+                **planned_memory(step), **peak_memory())
 
 
 def bench_infer(size: int, args) -> dict:
@@ -152,6 +191,7 @@ def bench_infer(size: int, args) -> dict:
     t = time.perf_counter()
     compiled = fwd.lower(params, b["moving"], b["fixed"], b["task_id"]).compile()
     compile_s = time.perf_counter() - t
+    reset = reset_peak_rss()
     times = []
     for i in range(args.repeats + 1):
         t = time.perf_counter()
@@ -159,7 +199,53 @@ def bench_infer(size: int, args) -> dict:
         if i:
             times.append(time.perf_counter() - t)
     return dict(size=size, compile_s=compile_s, pair_s=statistics.median(times), pair_times_s=times,
-                flops=fwd_flops(size), **peak_memory())
+                flops=fwd_flops(size), run_rss_gib=run_peak_rss_gib() if reset else None,
+                **planned_memory(compiled), **peak_memory())
+
+
+# --------------------------------------------------------------------------------- convolutions
+def conv_shapes(size: int):
+    """The costliest convs of PromptReg (c = 16) at ``size``: (label, spatial, Cin, Cout, count)."""
+    s = size
+    return [("full-res decoder 48->48", s, 48, 48, 2), ("1/2 decoder 96->96", s // 2, 96, 96, 6),
+            ("1/4 decoder 192->192", s // 4, 192, 192, 4), ("flow head 48->3", s, 48, 3, 1),
+            ("encoder 1->16", s, 1, 16, 2)]
+
+
+def bench_conv(size: int, args) -> dict:
+    """Forward and forward+backward (input and kernel) of each costly conv, native vs depth-sum."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from promptreg_jax.layers import conv3d
+    rng = np.random.default_rng(2)
+    rows = []
+    for label, n, cin, cout, count in conv_shapes(size):
+        x = jnp.asarray(rng.standard_normal((1, n, n, n, cin), dtype=np.float32))
+        k = jnp.asarray(0.1 * rng.standard_normal((3, 3, 3, cin, cout), dtype=np.float32))
+        row = dict(label=label, size=n, cin=cin, cout=cout, count=count,
+                   gflop=2 * 27 * cin * cout * n ** 3 / 1e9)
+        outs = {}
+        for impl in ("native", "depth_sum"):
+            f = lambda x, k, impl=impl: conv3d(x, k, 1, ((1, 1),) * 3, impl)
+            fwd = jax.jit(f)
+            bwd = jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), argnums=(0, 1)))
+            outs[impl] = (np.asarray(fwd(x, k)), [np.asarray(g) for g in bwd(x, k)])
+            row[impl] = {}
+            for name, fn in (("fwd_s", fwd), ("fwd_bwd_s", bwd)):
+                times = []
+                for i in range(args.repeats + 1):
+                    t = time.perf_counter()
+                    _block(fn(x, k))
+                    if i:
+                        times.append(time.perf_counter() - t)
+                row[impl][name] = statistics.median(times)
+        rel = lambda a, b: float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+        row["max_rel_diff"] = max([rel(outs["depth_sum"][0], outs["native"][0])]
+                                  + [rel(a, b) for a, b in zip(outs["depth_sum"][1],
+                                                               outs["native"][1])])
+        rows.append(row)
+    return dict(size=size, convs=rows)
 
 
 # --------------------------------------------------------------------------------- MIND comparison
@@ -278,7 +364,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128])
     ap.add_argument("--include-160", action="store_true", help="also 160^3 (slow on a CPU)")
-    ap.add_argument("--what", default="train,infer,mind,loader")
+    ap.add_argument("--what", default="train,infer,conv,mind,loader")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--conv-impl", default="auto", choices=["auto", "native", "depth_sum"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -290,7 +376,7 @@ def parse_args(argv=None):
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.what = [w.strip() for w in args.what.split(",") if w.strip()]
-    bad = set(args.what) - {"train", "infer", "mind", "loader"}
+    bad = set(args.what) - {"train", "infer", "conv", "mind", "loader"}
     if bad:
         ap.error(f"--what: unknown {sorted(bad)}")
     if args.include_160 and 160 not in args.sizes:
@@ -313,7 +399,8 @@ def main(argv=None) -> dict:
           f"{rate / 1e9:.1f} GFLOP/s ({mm['best_s']:.3f} s) {tag}", flush=True)
     config = dict(conv_impl=args.conv_impl, dtype=args.dtype, remat=args.remat,
                   repeats=args.repeats, sizes=args.sizes, what=args.what)
-    results = dict(env=env, config=config, matmul=mm, train=[], infer=[], mind=[], loader=[])
+    results = dict(env=env, config=config, matmul=mm, train=[], infer=[], conv=[], mind=[],
+                   loader=[])
 
     loader_data = None
     tmp = tempfile.TemporaryDirectory(prefix="promptreg_bench_")
@@ -325,14 +412,29 @@ def main(argv=None) -> dict:
                 r = run_child(what, size, args)
                 if "error" not in r:
                     r["ratio"] = r[key] / (r["flops"] / rate)
+                    run_rss = (f", peak RSS while running {r['run_rss_gib']:.2f} GiB"
+                               if r.get("run_rss_gib") is not None else "")
+                    plan = (f", XLA temp plan {r['plan_temp_gib']:.2f} GiB"
+                            if "plan_temp_gib" in r else "")
                     print(f"{what} {size}^3: compile {r['compile_s']:.1f} s, {r[key]:.2f} {unit} "
                           f"(median of {args.repeats}), {r['flops'] / 1e12:.3f} TFLOP, ratio to "
-                          f"matmul bound {r['ratio']:.1f}, peak RSS {r['rss_gib']:.2f} GiB"
+                          f"matmul bound {r['ratio']:.2f}, peak RSS {r['rss_gib']:.2f} GiB "
+                          f"(with compiling){run_rss}{plan}"
                           + (f", device peak {r['device_peak_gib']:.2f} GiB"
                              if "device_peak_gib" in r else "") + f" {tag}", flush=True)
                 else:
                     print(f"{what} {size}^3: not measured ({r['error']}) {tag}", flush=True)
                 results[what].append(r)
+            if "conv" in args.what:
+                r = bench_conv(size, args)
+                for c in r["convs"]:
+                    print(f"conv {size}^3 {c['label']} ({c['size']}^3, x{c['count']} per forward): "
+                          f"native {c['native']['fwd_s'] * 1e3:.0f} / {c['native']['fwd_bwd_s'] * 1e3:.0f}"
+                          f" ms, depth_sum {c['depth_sum']['fwd_s'] * 1e3:.0f} / "
+                          f"{c['depth_sum']['fwd_bwd_s'] * 1e3:.0f} ms (fwd / fwd+bwd; "
+                          f"{c['gflop']:.1f} GFLOP fwd; max rel diff {c['max_rel_diff']:.1e}) {tag}",
+                          flush=True)
+                results["conv"].append(r)
             if "mind" in args.what:
                 r = bench_mind(size, args)
                 print(f"mind {size}^3 fwd+bwd: fast {r['fast']['fwd_bwd_s'] * 1e3:.1f} ms, "

@@ -4,9 +4,11 @@ Two interchangeable implementations of the 3D convolution share one parameter tr
 (``kernel (k, k, k, Cin, Cout)``, ``bias (Cout,)``):
 
 * ``"native"``: ``lax.conv_general_dilated`` in 3D (what ``flax.linen.Conv`` runs);
-* ``"depth_sum"``: the 3D conv as a sum over the depth taps of 2D convs, with the depth slices
-  folded into the batch. XLA:CPU runs 3D convs several times slower than 2D ones (STACK.md 3), so
-  this form is the default there (``"auto"``); on accelerators ``"auto"`` picks ``"native"``.
+* ``"depth_sum"``: the CPU form. XLA:CPU runs 3D convs several times slower than 2D ones and
+  its conv gradients slower still, so stride-1 convs run as 2D convs over the depth taps (or
+  plane-wise matmuls where the channels are few) with a hand-written backward pass (a plane-loop
+  kernel gradient), strided ones as a sum of 2D convs over the depth taps (see ``_conv_cpu``).
+  It is the default there (``"auto"``); on accelerators ``"auto"`` picks ``"native"``.
 
 Initialisation copies PyTorch's defaults (kaiming-uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in))
 for weight and bias), so a fresh network is statistically like the reference. Instance norm has no

@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.int_steps = 7             # scaling-and-squaring steps per velocity
     c.model.conv_impl = "auto"        # "auto", "native" (cuDNN/TPU) or "depth_sum" (fast on CPU)
     c.model.dtype = "float32"         # compute dtype: "float32" or "bfloat16" (params stay f32)
-    c.model.remat = False             # rematerialise each decoder level (less memory)
+    c.model.remat = False             # recompute encoders/decoder levels in backward (less memory)
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""                  # folder holding the domain folders; "" -> $PROMPTREG_DATA_ROOT
