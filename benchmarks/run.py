@@ -126,6 +126,18 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
+def _time_calls(call, repeats: int):
+    """Calls ``call()`` ``repeats + 1`` times (the first is the warm-up), blocking on each result;
+    returns (median seconds, the timed seconds, the last result)."""
+    times, out = [], None
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        out = _block(call())
+        if i:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), times, out
+
+
 # ------------------------------------------------------------------------------ model measurements
 def _model(args):
     import jax.numpy as jnp
@@ -166,14 +178,15 @@ def bench_train(size: int, args) -> dict:
     step = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
     reset = reset_peak_rss()
-    times = []
-    for i in range(args.repeats + 1):  # the first call is the warm-up
-        t = time.perf_counter()
-        state, metrics = _block(step(state, batch))
-        if i:
-            times.append(time.perf_counter() - t)
+    holder = [state]
+
+    def call():  # the state is donated, so each step feeds the next
+        holder[0], metrics = step(holder[0], batch)
+        return metrics
+
+    step_s, times, metrics = _time_calls(call, args.repeats)
     flops = 3 * fwd_flops(size) * nb
-    return dict(size=size, batch=nb, init_s=init_s, compile_s=compile_s, step_s=statistics.median(times),
+    return dict(size=size, batch=nb, init_s=init_s, compile_s=compile_s, step_s=step_s,
                 step_times_s=times, flops=flops, params=int(n_params), remat=bool(args.remat),
                 loss=float(metrics["loss"]), run_rss_gib=run_peak_rss_gib() if reset else None,
                 **planned_memory(step), **peak_memory())
@@ -192,13 +205,9 @@ def bench_infer(size: int, args) -> dict:
     compiled = fwd.lower(params, b["moving"], b["fixed"], b["task_id"]).compile()
     compile_s = time.perf_counter() - t
     reset = reset_peak_rss()
-    times = []
-    for i in range(args.repeats + 1):
-        t = time.perf_counter()
-        _block(compiled(params, b["moving"], b["fixed"], b["task_id"]))
-        if i:
-            times.append(time.perf_counter() - t)
-    return dict(size=size, compile_s=compile_s, pair_s=statistics.median(times), pair_times_s=times,
+    pair_s, times, _ = _time_calls(
+        lambda: compiled(params, b["moving"], b["fixed"], b["task_id"]), args.repeats)
+    return dict(size=size, compile_s=compile_s, pair_s=pair_s, pair_times_s=times,
                 flops=fwd_flops(size), run_rss_gib=run_peak_rss_gib() if reset else None,
                 **planned_memory(compiled), **peak_memory())
 
@@ -231,15 +240,8 @@ def bench_conv(size: int, args) -> dict:
             fwd = jax.jit(f)
             bwd = jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) ** 2), argnums=(0, 1)))
             outs[impl] = (np.asarray(fwd(x, k)), [np.asarray(g) for g in bwd(x, k)])
-            row[impl] = {}
-            for name, fn in (("fwd_s", fwd), ("fwd_bwd_s", bwd)):
-                times = []
-                for i in range(args.repeats + 1):
-                    t = time.perf_counter()
-                    _block(fn(x, k))
-                    if i:
-                        times.append(time.perf_counter() - t)
-                row[impl][name] = statistics.median(times)
+            row[impl] = {name: _time_calls(lambda fn=fn: fn(x, k), args.repeats)[0]
+                         for name, fn in (("fwd_s", fwd), ("fwd_bwd_s", bwd))}
         rel = lambda a, b: float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
         row["max_rel_diff"] = max([rel(outs["depth_sum"][0], outs["native"][0])]
                                   + [rel(a, b) for a, b in zip(outs["depth_sum"][1],
@@ -303,14 +305,9 @@ def bench_mind(size: int, args) -> dict:
         t = time.perf_counter()
         compiled = vg.lower(w, f).compile()
         compile_s = time.perf_counter() - t
-        times = []
-        for i in range(args.repeats + 1):
-            t = time.perf_counter()
-            val, g = _block(compiled(w, f))
-            if i:
-                times.append(time.perf_counter() - t)
+        median, times, (val, g) = _time_calls(lambda: compiled(w, f), args.repeats)
         grads[name] = (float(val), np.asarray(g))
-        out[name] = dict(compile_s=compile_s, fwd_bwd_s=statistics.median(times), times_s=times)
+        out[name] = dict(compile_s=compile_s, fwd_bwd_s=median, times_s=times)
     out["speedup"] = out["straightforward"]["fwd_bwd_s"] / out["fast"]["fwd_bwd_s"]
     out["max_abs_loss_diff"] = abs(grads["fast"][0] - grads["straightforward"][0])
     out["max_abs_grad_diff"] = float(np.max(np.abs(grads["fast"][1] - grads["straightforward"][1])))

@@ -20,9 +20,11 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", cache)
 
 
-def run_cli(run: Callable[[], object], extra_errors: tuple = ()) -> int:
+def run_cli(run: Callable[[], object], extra_errors: tuple = (),
+            log_level: int = logging.WARNING) -> int:
     """Runs an entry point: bad input becomes ``error: <one line>`` and exit code 2."""
     from promptreg_jax.checkpoint import CheckpointError
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on every file it touches
     enable_compilation_cache()
     try:

@@ -616,7 +616,6 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from promptreg_jax.cli import run_cli
     return run_cli(lambda: run(args))
 

@@ -73,49 +73,34 @@ def _linear_backward(volume_NxC, coords_Px3, shape, g):
     return d_volume.astype(volume_NxC.dtype), d_coords
 
 
-# Trilinear sampling has a custom VJP: the backward pass re-gathers the 8 corners instead of
-# keeping them (8 P C floats per call) and uses no batched gather/scatter (slow on XLA:CPU).
-# ``_warp_linear`` takes the displacement and keeps only (volume, flow) for the backward pass, so
-# a squaring step ``u + warp(u, u)`` keeps one field, not a field and its coordinates.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _sample_linear(volume_NxC, coords_Px3, shape):
-    """Trilinear samples of a flattened ``(N, C)`` volume at ``(P, 3)`` voxel coordinates."""
-    return _linear_forward(volume_NxC, coords_Px3, shape)
-
-
-def _sample_linear_fwd(volume_NxC, coords_Px3, shape):
-    return _linear_forward(volume_NxC, coords_Px3, shape), (volume_NxC, coords_Px3)
-
-
-def _sample_linear_bwd(shape, res, g):
-    d_volume, d_coords = _linear_backward(*res, shape, g)
-    return d_volume, d_coords.astype(res[1].dtype)
-
-
-_sample_linear.defvjp(_sample_linear_fwd, _sample_linear_bwd)
-
-
 def _grid_coords(flow_Px3, shape):
     return identity_grid(shape, flow_Px3.dtype).reshape(-1, 3) + flow_Px3
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _warp_linear(volume_NxC, flow_Px3, shape):
-    """``_sample_linear`` at ``grid + flow`` (the flow on the volume's own grid)."""
-    return _linear_forward(volume_NxC, _grid_coords(flow_Px3, shape), shape)
+# Trilinear sampling has a custom VJP: the backward pass re-gathers the 8 corners instead of
+# keeping them (8 P C floats per call) and uses no batched gather/scatter (slow on XLA:CPU).
+# With ``on_grid`` the points are ``grid + points`` (a displacement on the volume's own grid), so
+# only (volume, displacement) are kept: a squaring step ``u + warp(u, u)`` keeps one field.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _sample_linear(volume_NxC, points_Px3, shape, on_grid=False):
+    """Trilinear samples of a flattened ``(N, C)`` volume at ``(P, 3)`` voxel coordinates
+    (``on_grid``: at the grid plus these displacements)."""
+    coords = _grid_coords(points_Px3, shape) if on_grid else points_Px3
+    return _linear_forward(volume_NxC, coords, shape)
 
 
-def _warp_linear_fwd(volume_NxC, flow_Px3, shape):
-    return _warp_linear(volume_NxC, flow_Px3, shape), (volume_NxC, flow_Px3)
+def _sample_linear_fwd(volume_NxC, points_Px3, shape, on_grid):
+    return (_sample_linear(volume_NxC, points_Px3, shape, on_grid), (volume_NxC, points_Px3))
 
 
-def _warp_linear_bwd(shape, res, g):
-    volume_NxC, flow_Px3 = res
-    d_volume, d_coords = _linear_backward(volume_NxC, _grid_coords(flow_Px3, shape), shape, g)
-    return d_volume, d_coords.astype(flow_Px3.dtype)
+def _sample_linear_bwd(shape, on_grid, res, g):
+    volume_NxC, points_Px3 = res
+    coords = _grid_coords(points_Px3, shape) if on_grid else points_Px3
+    d_volume, d_coords = _linear_backward(volume_NxC, coords, shape, g)
+    return d_volume, d_coords.astype(points_Px3.dtype)
 
 
-_warp_linear.defvjp(_warp_linear_fwd, _warp_linear_bwd)
+_sample_linear.defvjp(_sample_linear_fwd, _sample_linear_bwd)
 
 
 def _sample_nearest(volume_NxC, coords_Px3, shape):
@@ -166,7 +151,8 @@ def warp(image, flow, order: int = 1):
                          f"{image.shape}")
     if order == 1:
         shape = tuple(image.shape[1:4])
-        return _per_sample(_warp_linear, image, flow.astype(jnp.float32), shape, shape)
+        warp_fn = lambda vol, disp, shape: _sample_linear(vol, disp, shape, True)
+        return _per_sample(warp_fn, image, flow.astype(jnp.float32), shape, shape)
     return sample(image, identity_grid(flow.shape[1:4], flow.dtype)[None] + flow, order)
 
 
