@@ -226,7 +226,7 @@ def bench_conv(size: int, args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from promptreg_jax.layers import conv3d
+    from promptreg_jax.conv import conv3d
     rng = np.random.default_rng(2)
     rows = []
     for label, n, cin, cout, count in conv_shapes(size):

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from promptreg_jax import metrics
-from promptreg_jax.warp import identity_grid, resample_flow, sample
+from promptreg_jax.spatial import identity_grid, resample_flow, sample
 
 
 def warp_labels_to_fixed(flow_net, moving_label, fixed_shape):

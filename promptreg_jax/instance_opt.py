@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from promptreg_jax import losses
-from promptreg_jax.warp import warp
+from promptreg_jax.spatial import warp
 
 DEFAULT_WEIGHTS = {"mind": 1.0, "smooth": 0.1, "dice": 1.0}
 

@@ -2,7 +2,7 @@
 
 SPEC sections 1 and 2. Submodule names echo the reference's PyTorch names (``encoder_moving``,
 ``cconv_4``, ``defconv4``, ``upconv3``, ``prompt_generator``, ...) so ``convert.py`` is a table.
-Images are ``(B, X, Y, Z, C)``; flows ``(B, X, Y, Z, 3)`` in voxels (see ``promptreg_jax.warp``).
+Images are ``(B, X, Y, Z, C)``; flows ``(B, X, Y, Z, 3)`` in voxels (see ``promptreg_jax.spatial``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from promptreg_jax.layers import (CONV_IMPLS, Conv3D, ConvInsBlock, ConvInsBlocks, ResBlock,
+from promptreg_jax.conv import CONV_IMPLS
+from promptreg_jax.layers import (Conv3D, ConvInsBlock, ConvInsBlocks, ResBlock,
                                   UpConvBlock, torch_uniform)
 from promptreg_jax.remat import checkpoint_module_fn
 from promptreg_jax.losses import cosine_similarity, orthogonality_loss, task_similarity_loss
-from promptreg_jax.warp import compose, integrate, upsample_flow, warp
+from promptreg_jax.spatial import compose, integrate, upsample_flow, warp
 
 PROMPT_HEADS = ("spatial", "pooled_attention")
 

@@ -330,7 +330,7 @@ class Registrar:
         import nibabel as nib
         from promptreg_jax import metrics
         from promptreg_jax.instance_opt import instance_optimize
-        from promptreg_jax.warp import resample_flow, sample
+        from promptreg_jax.spatial import resample_flow, sample
 
         out_dir = pathlib.Path(out_dir)
         name = name or f"{case_name(pair.fixed, pair.fixed_frame)}_" \

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from promptreg_jax.layers import Conv3D
-from promptreg_jax.warp import integrate, warp
+from promptreg_jax.spatial import integrate, warp
 
 
 class ConvAct(nn.Module):

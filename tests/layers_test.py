@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from promptreg_jax import conv as C
 from promptreg_jax import layers as L
 
 
@@ -57,7 +58,7 @@ def test_conv3d_matches_pytorch_loop(stride, k, shape):
     xl = jnp.asarray(np.moveaxis(x, 0, -1)[None], jnp.float32)
     kernel = jnp.asarray(np.transpose(w, (2, 3, 4, 1, 0)), jnp.float32)
     for impl in ("native", "depth_sum"):
-        out = L.conv3d(xl, kernel, stride, ((k // 2, k // 2),) * 3, impl)
+        out = C.conv3d(xl, kernel, stride, ((k // 2, k // 2),) * 3, impl)
         assert out.shape == ref.shape
         assert _rel(out, ref) < 1e-5, impl
 
@@ -70,7 +71,7 @@ def test_conv_transpose3d_matches_pytorch_loop():
     xl = jnp.asarray(np.moveaxis(x, 0, -1)[None], jnp.float32)
     kernel = jnp.asarray(np.transpose(w, (2, 3, 4, 1, 0)), jnp.float32)
     for impl in ("native", "depth_sum"):
-        out = L.conv_transpose3d(xl, kernel, impl)
+        out = C.conv_transpose3d(xl, kernel, impl)
         assert out.shape == (1, 6, 8, 10, 3)
         assert _rel(out, ref) < 1e-5, impl
 
@@ -79,10 +80,10 @@ def test_conv_transpose3d_matches_pytorch_loop():
                                           (1, 1, ((0, 0),) * 3), (1, 2, ((1, 0), (0, 1), (1, 0)))])
 def test_depth_sum_equals_native_forward_and_gradient(stride, k, pad):
     x, kernel = _normal(0, (2, 9, 6, 7, 3)), _normal(1, (k, k, k, 3, 5))
-    target = _normal(2, jax.eval_shape(lambda: L.conv3d(x, kernel, stride, pad)).shape)
+    target = _normal(2, jax.eval_shape(lambda: C.conv3d(x, kernel, stride, pad)).shape)
 
     def loss(x, kernel, impl):
-        return jnp.sum(L.conv3d(x, kernel, stride, pad, impl) * target)
+        return jnp.sum(C.conv3d(x, kernel, stride, pad, impl) * target)
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
     ref, out = fn(x, kernel, "native"), fn(x, kernel, "depth_sum")
@@ -101,10 +102,10 @@ def test_depth_sum_equals_native_forward_and_gradient(stride, k, pad):
 def test_cpu_conv_custom_vjp_equals_native(cin, cout, k, pad):
     """The CPU conv's automatic forms (forward by channels, dK by plane loop on 16x16 planes)."""
     x, kernel = _normal(0, (2, 5, 16, 16, cin)), _normal(1, (k, k, k, cin, cout))
-    target = _normal(2, jax.eval_shape(lambda: L.conv3d(x, kernel, 1, pad)).shape)
+    target = _normal(2, jax.eval_shape(lambda: C.conv3d(x, kernel, 1, pad)).shape)
 
     def loss(x, kernel, impl):
-        return jnp.sum(L.conv3d(x, kernel, 1, pad, impl) * target)
+        return jnp.sum(C.conv3d(x, kernel, 1, pad, impl) * target)
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
     ref, out = fn(x, kernel, "native"), fn(x, kernel, "depth_sum")
@@ -117,16 +118,16 @@ def test_cpu_conv_every_form_equals_native(monkeypatch):
     monkeypatch.setattr(L, "_STACKED_CHUNK_BYTES", 1)  # "depth_stacked" one plane at a time
     pad = ((1, 0), (1, 1), (0, 1))
     x, kernel = _normal(0, (2, 6, 5, 7, 3)), _normal(1, (3, 3, 3, 3, 4))
-    dy = _normal(2, jax.eval_shape(lambda: L.conv3d(x, kernel, 1, pad)).shape)
-    y_ref, vjp = jax.vjp(lambda x, k: L.conv3d(x, k, 1, pad, "native"), x, kernel)
+    dy = _normal(2, jax.eval_shape(lambda: C.conv3d(x, kernel, 1, pad)).shape)
+    y_ref, vjp = jax.vjp(lambda x, k: C.conv3d(x, k, 1, pad, "native"), x, kernel)
     dx_ref, dk_ref = vjp(dy)
     for form in ("depth_sum", "depth_stacked", "taps", "columns", "shift_sum"):
-        assert _rel(jax.jit(L._conv_forward, static_argnums=(2, 3))(x, kernel, pad, form),
+        assert _rel(jax.jit(C._conv_forward, static_argnums=(2, 3))(x, kernel, pad, form),
                     y_ref) < 1e-5, form
-        assert _rel(jax.jit(L._input_grad, static_argnums=(2, 3))(dy, kernel, pad, form),
+        assert _rel(jax.jit(C._input_grad, static_argnums=(2, 3))(dy, kernel, pad, form),
                     dx_ref) < 1e-5, form
     for form in ("planes", "autodiff"):
-        assert _rel(jax.jit(L._kernel_grad, static_argnums=(3, 4))(x, dy, kernel, pad, form),
+        assert _rel(jax.jit(C._kernel_grad, static_argnums=(3, 4))(x, dy, kernel, pad, form),
                     dk_ref) < 1e-5, form
 
 
@@ -135,7 +136,7 @@ def test_conv_transpose_depth_sum_equals_native_gradient():
     kernel = _normal(1, (4, 4, 4, 5, 6))
     target = _normal(2, (2, 6, 8, 10, 5))
     grad = lambda impl: jax.jit(jax.grad(
-        lambda x, k: jnp.sum(L.conv_transpose3d(x, k, impl) * target), argnums=(0, 1)))(x, kernel)
+        lambda x, k: jnp.sum(C.conv_transpose3d(x, k, impl) * target), argnums=(0, 1)))(x, kernel)
     for a, b in zip(grad("depth_sum"), grad("native")):
         assert _rel(a, b) < 1e-5
 
@@ -152,10 +153,10 @@ def test_modules_share_one_parameter_tree_across_impls():
 
 
 def test_resolve_conv_impl():
-    assert L.resolve_conv_impl("auto") == ("depth_sum" if jax.default_backend() == "cpu"
+    assert C.resolve_conv_impl("auto") == ("depth_sum" if jax.default_backend() == "cpu"
                                            else "native")
     with pytest.raises(ValueError, match="conv_impl"):
-        L.resolve_conv_impl("fft")
+        C.resolve_conv_impl("fft")
 
 
 def test_pytorch_default_init_bounds():

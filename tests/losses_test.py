@@ -9,7 +9,7 @@ import pytest
 
 from conftest import channels_last, load_fixture
 from promptreg_jax import losses as L
-from promptreg_jax.warp import warp
+from promptreg_jax.spatial import warp
 
 
 def _slow_mind(img, r=2, d=2):

@@ -17,7 +17,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from promptreg_jax.warp import resize
+from promptreg_jax.spatial import resize
 from promptreg_jax.data.errors import DataError
 
 NORM_MODES = ("paper", "reference")

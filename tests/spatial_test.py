@@ -1,6 +1,6 @@
 """Warp, integration, composition, resizing: fixtures, a loop reference and properties."""
 
-import importlib
+
 import itertools
 
 import jax
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import channels_last, load_fixture
 # The package re-exports the function `warp`, so fetch the module itself.
-W = importlib.import_module("promptreg_jax.warp")
+from promptreg_jax import spatial as W
 
 TOL = 2e-5  # float32 round-off on values of order 1-5
 
