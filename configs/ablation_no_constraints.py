@@ -8,7 +8,4 @@ from promptreg_jax import recipes
 
 def get_config(arg=None):
     del arg
-    config = recipes.base_config()
-    config.loss.ort = 0.0
-    config.loss.ts = 0.0
-    return config
+    return recipes.without_constraints(recipes.base_config())

@@ -10,6 +10,4 @@ from promptreg_jax import recipes
 
 def get_config(arg=None):
     del arg
-    config = recipes.base_config()
-    config.model.use_prompt = False
-    return config
+    return recipes.without_prompt(recipes.base_config())

@@ -19,22 +19,20 @@ show the pipeline working, not the paper's results.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import platform
 import sys
 import time
 
+from promptreg_jax import recipes
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOMAINS = ("Abdominal", "Brain", "Hippocampus", "Cardiac", "Hip")
 
 
 def demo_config(args, out: pathlib.Path):
-    spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = recipes.load_config(f"{REPO / 'configs' / 'demo.py'}:tiny")
     config.data.root = str(out / "synthetic")
     config.data.synthetic.size = args.size
     config.data.synthetic.subjects = args.subjects
@@ -52,14 +50,10 @@ def variants(base):
     """``[(row label, run folder, config)]``: Table 1 runs, then the two Table 2 ablations."""
     out = [("all domains", "all_domains", base)]
     for name in DOMAINS:
-        c = base.copy_and_resolve_references()
-        c.data.domains = [dict(d, held_out=d["name"] == name) for d in base.data.domains]
+        c = recipes.holding_out(base.copy_and_resolve_references(), name)
         out.append((f"w/o {name}", f"loo_{name.lower()}", c))
-    no_rpg = base.copy_and_resolve_references()
-    no_rpg.model.use_prompt = False
-    no_cons = base.copy_and_resolve_references()
-    no_cons.loss.ort = 0.0
-    no_cons.loss.ts = 0.0
+    no_rpg = recipes.without_prompt(base.copy_and_resolve_references())
+    no_cons = recipes.without_constraints(base.copy_and_resolve_references())
     out += [("w/o RPG", "no_rpg", no_rpg), ("w/o R. Cons.", "no_constraints", no_cons)]
     return out
 
@@ -74,6 +68,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from promptreg_jax import evaluate, train
+    from promptreg_jax.model import load_model
     from promptreg_jax.cli import enable_compilation_cache
     enable_compilation_cache()
     out = pathlib.Path(args.out).absolute()
@@ -86,7 +81,7 @@ def main(argv=None) -> int:
         print(f"\n=== {label}: training {args.steps} steps in {workdir}", flush=True)
         result = train.train_and_evaluate(config, str(workdir))
         trained = bool(result["train"])  # empty when a finished checkpoint was reused
-        model, params, meta, step = evaluate.model_from_checkpoint(str(workdir))
+        model, params, meta, step = load_model(str(workdir))
         res = evaluate.evaluate_checkpoint(
             model, params, meta, evaluate.config_from_meta(meta, str(workdir)), workdir / "eval",
             str(out / "cache"), run_name=label, step=step, checkpoint=str(workdir))

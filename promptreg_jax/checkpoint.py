@@ -2,7 +2,8 @@
 
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
 mid-write leaves the previous checkpoint intact. A checkpoint that still fails to read (truncated
-or corrupted files) is skipped with a warning and the one before it is used.
+or corrupted files) is skipped with a warning and the one before it is used when training resumes;
+inference commands refuse it unless asked (``load_params(..., allow_fallback=True)``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ class Checkpointer:
                 log.warning("removing unreadable checkpoint step %d in %s", bad, self.directory)
                 self.manager.delete(bad)
             return out["state"], out["meta"], step
+        if skipped:  # starting over would collide with the unreadable steps' folders
+            raise CheckpointError(
+                f"every checkpoint in {self.directory} is unreadable (steps {sorted(skipped)}); "
+                f"move that folder away to start over, or use a new --workdir")
         return None
 
     def close(self):
@@ -127,32 +132,53 @@ def _restore_on_host(step_dir: pathlib.Path):
     return state, meta
 
 
-def load_params(path: str | os.PathLike):
-    """Loads ``(params, meta, step)`` from the newest readable checkpoint under ``path``.
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def load_params(path: str | os.PathLike, allow_fallback: bool = False):
+    """Loads ``(params, meta, step)`` from the newest checkpoint under ``path``.
 
     ``path`` is a workdir, its ``checkpoints`` folder or one step folder. Parameters come back
     as numpy arrays whatever the device count of the run that wrote them; ``meta["model"]``
-    holds the settings that rebuild the network.
+    holds the settings that rebuild the network. When the newest step is unreadable this raises
+    :class:`CheckpointError` naming the newest readable one, unless ``allow_fallback`` (then it
+    is used, with a warning naming both steps).
     """
     directory = find_checkpoint_dir(path)
     if (directory / "state").is_dir() and (directory / "meta").is_dir():
-        steps = [directory]
-    else:
-        steps = sorted((d for d in directory.iterdir()
-                        if d.name.isdigit() and (d / "state").is_dir() and (d / "meta").is_dir()),
-                       key=lambda d: int(d.name), reverse=True)
+        try:
+            state, meta = _restore_on_host(directory)
+        except Exception as e:  # noqa: BLE001 - one named step: nothing older to try
+            raise CheckpointError(f"checkpoint {directory} is unreadable ({_first_line(e)})")
+        step = int(directory.name) if directory.name.isdigit() else 0
+        return jax.tree.map(np.asarray, state["params"]), meta, step
+    steps = sorted((d for d in directory.iterdir()
+                    if d.name.isdigit() and (d / "state").is_dir() and (d / "meta").is_dir()),
+                   key=lambda d: int(d.name), reverse=True)
     if not steps:
         raise CheckpointError(f"no checkpoint found under {directory}; train first with "
                               f"python -m promptreg_jax.train --config ... --workdir DIR")
+    newest_error = None
     for step_dir in steps:
         try:
             state, meta = _restore_on_host(step_dir)
-        except Exception as e:  # noqa: BLE001 - an unreadable step: try an older one
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", step_dir,
-                        type(e).__name__)
+        except Exception as e:  # noqa: BLE001 - an unreadable step: look at an older one
+            newest_error = newest_error or (step_dir, _first_line(e))
             continue
+        if newest_error is not None:
+            bad, why = newest_error
+            if not allow_fallback:
+                raise CheckpointError(
+                    f"the newest checkpoint {bad} is unreadable ({why}); the newest readable "
+                    f"one is step {step_dir.name}: pass --allow-older-checkpoint to use it, or "
+                    f"--checkpoint {step_dir}")
+            log.warning("checkpoint %s is unreadable (%s); using the older step %s", bad, why,
+                        step_dir.name)
         return jax.tree.map(np.asarray, state["params"]), meta, int(step_dir.name)
-    raise CheckpointError(f"no readable checkpoint under {directory}")
+    raise CheckpointError(f"no readable checkpoint under {directory} (newest: {newest_error[0]}: "
+                          f"{newest_error[1]})")
 
 
 def check_compatible(meta: dict, model_settings: dict, source: str) -> None:

@@ -161,12 +161,10 @@ def model_kwargs(params) -> dict:
 
 def settings_for(params) -> dict:
     """Full model settings (as ``checkpoint.load_params`` returns them) for a converted tree."""
+    from promptreg_jax.model import default_settings
     kw = model_kwargs(params)
-    settings = dict(name="promptreg", channels=kw["channels"], num_tasks=kw.get("num_tasks", 0),
-                    use_prompt=kw.get("use_prompt", True),
-                    prompt_head=kw.get("prompt_head", "spatial"),
-                    temperature=kw.get("temperature", 0.1), schedule=[2, 2, 3, 1], int_steps=7,
-                    conv_impl="auto", dtype="float32", remat=False, image_size=[160, 160, 160])
+    settings = dict(default_settings(), **kw)
+    settings.setdefault("num_tasks", 0)
     if "prompt_generator" in params:  # the knowledge base is shaped by the input size / 8
         settings["image_size"] = [8 * int(n) for n in
                                   params["prompt_generator"]["static_prompt"].shape[1:4]]

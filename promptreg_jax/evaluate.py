@@ -23,9 +23,7 @@ model settings must match the checkpoint's). Written into ``--out`` (default ``R
 
 from __future__ import annotations
 
-import argparse
 import csv
-import importlib.util
 import json
 import logging
 import math
@@ -134,19 +132,9 @@ def load_results(eval_dir: str | os.PathLike) -> tuple[dict, list[str]]:
 
 # ------------------------------------------------------------------------------------ config
 def load_config_file(spec: str):
-    """``configs/X.py`` or ``configs/X.py:arg`` -> the ConfigDict its ``get_config`` returns."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path}: file not found")
-    module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - a broken config file, reported in one line
-        raise ValueError(f"--config {path}: cannot load ({type(e).__name__}: {e})")
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {path}: defines no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
+    """Deprecated alias of :func:`promptreg_jax.recipes.load_config` (kept for one release)."""
+    from promptreg_jax.recipes import load_config
+    return load_config(spec)
 
 
 def config_from_meta(meta: dict, source: str):
@@ -157,20 +145,10 @@ def config_from_meta(meta: dict, source: str):
     return ml_collections.ConfigDict(meta["config"])
 
 
-def load_checkpoint(path: str | os.PathLike):
-    """``(params, meta, step)`` of the newest readable checkpoint, on the host, any topology."""
-    from promptreg_jax import checkpoint as ckpt_lib
-    return ckpt_lib.load_params(path)
-
-
-def model_from_checkpoint(path: str):
-    """``(model, params, meta, step)`` of the newest readable checkpoint under ``path``."""
-    from promptreg_jax import checkpoint as ckpt_lib
-    from promptreg_jax.train import build_model
-    params, meta, step = load_checkpoint(path)
-    if not isinstance(meta.get("model"), dict):
-        raise ckpt_lib.CheckpointError(f"checkpoint {path} holds no model settings")
-    return build_model(meta["model"]), params, meta, step
+def model_from_checkpoint(path: str, allow_fallback: bool = False):
+    """Deprecated alias of :func:`promptreg_jax.model.load_model` (kept for one release)."""
+    from promptreg_jax.model import load_model
+    return load_model(path, allow_fallback=allow_fallback)
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -312,16 +290,11 @@ def evaluate_checkpoint(model, params, meta: dict, config, out_dir: str | os.Pat
 
 
 # ------------------------------------------------------------------------------------ CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        self.exit(2, f"error: {message}\n")
-
-
 def _parser():
-    p = _Parser(prog="python -m promptreg_jax.evaluate",
+    from promptreg_jax.cli import ArgumentParser, add_checkpoint_args
+    p = ArgumentParser(prog="python -m promptreg_jax.evaluate",
                 description="Evaluate a trained run on every domain's test pairs.")
-    p.add_argument("--workdir", default="", help="training run folder (checkpoints/ inside)")
-    p.add_argument("--checkpoint", default="", help="checkpoint folder (default: --workdir's newest)")
+    add_checkpoint_args(p)
     p.add_argument("--config", default="", help="config file[:arg] (default: the checkpoint's)")
     p.add_argument("--out", default="", help="output folder (default: WORKDIR/eval)")
     p.add_argument("--name", default="", help="row label in results.md (default: workdir name)")
@@ -343,14 +316,15 @@ def _run_folder(checkpoint: str) -> pathlib.Path:
 
 def run(args) -> dict:
     from promptreg_jax import checkpoint as ckpt_lib
-    from promptreg_jax.train import model_settings
+    from promptreg_jax.model import load_model, model_settings
     if not args.workdir and not args.checkpoint:
         raise ValueError("give --workdir RUN or --checkpoint PATH")
     if args.max_pairs < 0:
         raise ValueError(f"--max-pairs {args.max_pairs} is negative")
     source = args.checkpoint or args.workdir
-    config = load_config_file(args.config) if args.config else None
-    model, params, meta, step = model_from_checkpoint(source)
+    from promptreg_jax.recipes import load_config
+    config = load_config(args.config) if args.config else None
+    model, params, meta, step = load_model(source, allow_fallback=args.allow_older_checkpoint)
     if config is not None:
         ckpt_lib.check_compatible(meta, model_settings(config, meta["model"]["num_tasks"]), source)
     else:

@@ -18,13 +18,32 @@ from promptreg_jax import metrics
 from promptreg_jax.spatial import identity_grid, resample_flow, sample
 
 
+def fixed_grid_displacement(flow_net, fixed_shape, moving_shape) -> np.ndarray:
+    """The network-grid field ``flow_net (X, Y, Z, 3)`` as a map of the original grids: fixed
+    voxel ``y`` lies at moving voxel ``y + d(y)``; returns ``d (X', Y', Z', 3)`` float32
+    (``resample_flow``: each image's box onto the other)."""
+    return np.asarray(resample_flow(np.asarray(flow_net, np.float32)[None], fixed_shape,
+                                    moving_shape=moving_shape))[0]
+
+
+def sample_at(volume, coords, order: int = 1) -> np.ndarray:
+    """``volume (X', Y', Z')`` sampled at ``coords (X, Y, Z, 3)`` (order 1 linear, 0 nearest)."""
+    dtype = np.int32 if order == 0 else np.float32
+    out = sample(np.asarray(volume, dtype)[None, ..., None], np.asarray(coords)[None], order=order)
+    return np.asarray(out[0, ..., 0])
+
+
 def warp_labels_to_fixed(flow_net, moving_label, fixed_shape):
-    """Warps an original-resolution label map ``(X', Y', Z')`` onto the fixed original grid."""
-    d = resample_flow(np.asarray(flow_net, np.float32)[None], fixed_shape,
-                           moving_shape=moving_label.shape)
-    coords = identity_grid(fixed_shape)[None] + d
-    out = sample(np.asarray(moving_label, np.int32)[None, ..., None], coords, order=0)
-    return np.asarray(out[0, ..., 0]), np.asarray(d[0])
+    """Warps an original-resolution label map ``(X', Y', Z')`` onto the fixed original grid;
+    returns ``(warped labels, displacement (X, Y, Z, 3) in fixed voxels)``."""
+    d = fixed_grid_displacement(flow_net, fixed_shape, moving_label.shape)
+    return sample_at(moving_label, np.asarray(identity_grid(fixed_shape)) + d, order=0), d
+
+
+def nanmean(values) -> float:
+    """Mean over the non-NaN values; NaN when there are none (no warning)."""
+    values = np.asarray(values, np.float64)
+    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
 
 
 def pair_metrics(flow_net, moving_label, fixed_label, labels, spacing,
@@ -36,7 +55,7 @@ def pair_metrics(flow_net, moving_label, fixed_label, labels, spacing,
         hd = metrics.hd95(fixed_label, warped, labels, spacing)
     finite_hd = hd[np.isfinite(hd)]
     return {
-        "dice": float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else float("nan"),
+        "dice": nanmean(dice),
         "dice_per_label": [None if np.isnan(v) else float(v) for v in dice],
         "hd95": float(np.mean(finite_hd)) if finite_hd.size else float("nan"),
         "neg_jacobian_pct": 100.0 * metrics.fraction_nonpositive_jacobian(d),
@@ -46,8 +65,7 @@ def pair_metrics(flow_net, moving_label, fixed_label, labels, spacing,
 
 def field_metrics(flow_net, fixed_shape, moving_shape, learn2reg_sdlogj: bool = False) -> dict:
     """The label-free metrics of one pair: folding and SDlogJ of the field on the fixed grid."""
-    d = np.asarray(resample_flow(np.asarray(flow_net, np.float32)[None], fixed_shape,
-                                 moving_shape=moving_shape))[0]
+    d = fixed_grid_displacement(flow_net, fixed_shape, moving_shape)
     nan = float("nan")
     return {"dice": nan, "dice_per_label": [], "hd95": nan,
             "neg_jacobian_pct": 100.0 * metrics.fraction_nonpositive_jacobian(d),
@@ -113,7 +131,7 @@ def evaluate_pairs(predict: Callable, items: Iterable[dict], num_classes: int,
             warped, _ = warp_labels_to_fixed(np.zeros_like(flow), item["moving_label_orig"],
                                              item["fixed_label_orig"].shape)
             before = metrics.dice(item["fixed_label_orig"], warped, labels)
-            row["dice_before"] = float(np.nanmean(before)) if np.any(~np.isnan(before)) else float("nan")
+            row["dice_before"] = nanmean(before)
         for key in ("pair_id", "moving_path", "fixed_path"):
             if key in item:
                 row[key] = item[key]

@@ -16,6 +16,7 @@ weights are traced values, so changing them does not recompile.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -39,58 +40,41 @@ def one_hot(label, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[label.astype(np.int64)]
 
 
-def soft_dice_loss(warped_onehot, fixed_onehot, eps: float = 1e-5):
-    """1 - mean soft Dice over the foreground classes present in either map."""
-    axes = (0, 1, 2, 3)
-    inter = jnp.sum(warped_onehot * fixed_onehot, axis=axes)[1:]
-    size = (jnp.sum(warped_onehot, axis=axes) + jnp.sum(fixed_onehot, axis=axes))[1:]
-    present = (size > eps).astype(jnp.float32)
-    dice = (2.0 * inter + eps) / (size + eps)
-    return 1.0 - jnp.sum(dice * present) / jnp.maximum(jnp.sum(present), 1.0)
+soft_dice_loss = losses.soft_dice_loss  # kept here for one release; use promptreg_jax.losses
 
 
 def io_loss(model, params, moving, fixed, weights, moving_onehot=None, fixed_onehot=None):
-    """The IO objective of one pair (traceable); ``weights`` has keys mind, smooth, dice."""
+    """The IO objective of one pair (traceable); ``weights`` has keys mind, smooth, dice.
+
+    The training objective (``losses.registration_objective``) without the prompt terms, plus the
+    soft Dice of the warped labels when both are given.
+    """
     out = model.apply({"params": params}, moving, fixed, None)
-    total = weights["mind"] * losses.mind_loss(out["warped"], fixed) \
-        + weights["smooth"] * losses.smoothness_loss(out["flow"])
+    total, _ = losses.registration_objective(
+        out, fixed, {"mind": weights["mind"], "smooth": weights["smooth"], "ort": 0.0, "ts": 0.0})
     if moving_onehot is not None and fixed_onehot is not None:
         warped_onehot = warp(moving_onehot, out["flow"], order=1)
-        total = total + weights["dice"] * soft_dice_loss(warped_onehot, fixed_onehot)
+        total = total + weights["dice"] * losses.soft_dice_loss(warped_onehot, fixed_onehot)
     return total
 
 
-class _Optimizer:
-    """The jitted update of one model: ``step(params, opt_state, ...) -> (params, state, loss)``."""
-
-    def __init__(self, model):
-        self.model = model
-        self.tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-5)
-
-        def step(params, opt_state, moving, fixed, weights, moving_onehot, fixed_onehot):
-            loss, grads = jax.value_and_grad(
-                lambda p: io_loss(model, p, moving, fixed, weights, moving_onehot, fixed_onehot)
-            )(params)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        self.step = jax.jit(step)
-
-    def init(self, params, lr: float):
-        state = self.tx.init(params)
-        state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
-        return state
+_TX = optax.inject_hyperparams(optax.adam)(learning_rate=1e-5)
 
 
-_OPTIMIZERS: dict[int, _Optimizer] = {}
+@functools.partial(jax.jit, static_argnums=0)
+def _step(model, params, opt_state, moving, fixed, weights, moving_onehot, fixed_onehot):
+    """One Adam step of IO; jitted once per (model settings, shapes). Flax modules hash by their
+    fields, so equal models share the compiled step and nothing is kept per model object."""
+    loss, grads = jax.value_and_grad(
+        lambda p: io_loss(model, p, moving, fixed, weights, moving_onehot, fixed_onehot))(params)
+    updates, opt_state = _TX.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
 
-def _optimizer(model) -> _Optimizer:
-    """One jitted step per model object (kept for the process, so each shape compiles once)."""
-    opt = _OPTIMIZERS.get(id(model))
-    if opt is None or opt.model is not model:
-        opt = _OPTIMIZERS[id(model)] = _Optimizer(model)
-    return opt
+def _init(params, lr: float):
+    state = _TX.init(params)
+    state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    return state
 
 
 def _check(moving, fixed, moving_label, fixed_label, steps, lr):
@@ -132,16 +116,15 @@ def instance_optimize(model, params, moving, fixed, steps: int, lr: float = 1e-5
     if moving_label is not None and fixed_label is not None:
         n = int(num_classes or max(int(np.max(moving_label)), int(np.max(fixed_label))) + 1)
         m_oh, f_oh = jnp.asarray(one_hot(moving_label, n)), jnp.asarray(one_hot(fixed_label, n))
-    opt = _optimizer(model)
     # A private copy: the caller's arrays (numpy ones included) are never aliased or donated.
     current = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
-    state = opt.init(current, lr)
+    state = _init(current, lr)
     moving, fixed = jnp.asarray(moving, jnp.float32), jnp.asarray(fixed, jnp.float32)
     history = []
     for _ in range(int(steps)):
-        current, state, loss = opt.step(current, state, moving, fixed, w, m_oh, f_oh)
+        current, state, loss = _step(model, current, state, moving, fixed, w, m_oh, f_oh)
         history.append(loss)
     if not return_losses:
         return current
-    _, _, final = opt.step(current, state, moving, fixed, w, m_oh, f_oh)
+    _, _, final = _step(model, current, state, moving, fixed, w, m_oh, f_oh)
     return current, [float(v) for v in jax.device_get(history + [final])]

@@ -123,3 +123,37 @@ def task_similarity_loss(weighted_prompt, skb, task_id):
     per_sample = (1.0 - cosine_similarity(weighted_prompt, target)) ** 2
     count = jnp.sum(known)
     return jnp.sum(jnp.where(known, per_sample, 0.0)) / jnp.maximum(count, 1)
+
+
+def soft_dice_loss(warped_onehot, fixed_onehot, eps: float = 1e-5):
+    """1 - mean soft Dice over the foreground classes present in either one-hot map."""
+    axes = tuple(range(warped_onehot.ndim - 1))
+    inter = jnp.sum(warped_onehot * fixed_onehot, axis=axes)[1:]
+    size = (jnp.sum(warped_onehot, axis=axes) + jnp.sum(fixed_onehot, axis=axes))[1:]
+    present = (size > eps).astype(jnp.float32)
+    dice = (2.0 * inter + eps) / (size + eps)
+    return 1.0 - jnp.sum(dice * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
+OBJECTIVE_TERMS = ("mind", "smooth", "ort", "ts")
+
+
+def registration_objective(out, fixed, weights):
+    """The training objective (SPEC section 3) of a model output: ``(total, terms)``.
+
+    ``out`` is what ``PromptReg.apply`` returns (``warped``, ``flow``, ``loss_ort``, ``loss_ts``,
+    ``prompt_weights``); ``weights`` maps each of ``OBJECTIVE_TERMS`` to its weight:
+    ``total = mind MIND(warped, fixed) + smooth |grad u|^2 + ort L_ort + ts L_ts``. ``terms``
+    holds every term, ``loss`` (= total) and ``prompt_entropy`` (mean entropy of the prompt
+    weights, a diagnostic). Pure and traceable.
+    """
+    terms = {
+        "mind": mind_loss(out["warped"], fixed),
+        "smooth": smoothness_loss(out["flow"]),
+        "ort": jnp.asarray(out["loss_ort"], jnp.float32),
+        "ts": jnp.asarray(out["loss_ts"], jnp.float32),
+    }
+    total = sum(weights[k] * terms[k] for k in OBJECTIVE_TERMS)
+    w = out["prompt_weights"]
+    entropy = -jnp.sum(w * jnp.log(jnp.maximum(w, 1e-12)), axis=-1).mean() if w.shape[-1] else 0.0
+    return total, dict(terms, loss=total, prompt_entropy=jnp.asarray(entropy, jnp.float32))

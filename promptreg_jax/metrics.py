@@ -106,11 +106,17 @@ def sdlogj(flow, learn2reg_compatible: bool = False) -> float:
     differences and ``log(clip(J + 3, 1e-9, 1e9))`` (the +3 offset is a quirk of that code, which
     compresses the value; see SPEC Appendix B).
     """
-    jac = _jacobian(flow, zero_padded_central=learn2reg_compatible)
-    det = np.linalg.det(jac)[2:-2, 2:-2, 2:-2]
+    det = np.linalg.det(_jacobian(flow, zero_padded_central=learn2reg_compatible))
     if learn2reg_compatible:
-        return float(np.log(np.clip(det + 3.0, 1e-9, 1e9)).std())
-    return float(np.log(np.maximum(det, 1e-9)).std())
+        return float(np.log(np.clip(det[2:-2, 2:-2, 2:-2] + 3.0, 1e-9, 1e9)).std())
+    return sdlogj_of_determinant(det)
+
+
+def sdlogj_of_determinant(jacdet) -> float:
+    """``sdlogj``'s clean form from a Jacobian determinant map: std of log max(J, 1e-9) with 2
+    voxels cropped off each border (NaN for a map too small to crop)."""
+    inner = np.asarray(jacdet, np.float64)[2:-2, 2:-2, 2:-2]
+    return float(np.log(np.maximum(inner, 1e-9)).std()) if inner.size else float("nan")
 
 
 def dsc30(case_scores) -> float:

@@ -247,3 +247,56 @@ def get_model(name: str, **kwargs) -> nn.Module:
     if name not in models:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(models)}")
     return models[name](**kwargs)
+
+
+# ------------------------------------------------------------------------------------ settings
+# A model's settings: the constructor arguments plus the name and the training image size; a
+# checkpoint stores them in ``meta["model"]`` and every command rebuilds the network from them.
+SETTINGS_KEYS = ("name", "channels", "num_tasks", "use_prompt", "prompt_head", "temperature",
+                 "schedule", "int_steps", "conv_impl", "dtype", "remat", "image_size")
+
+
+def default_settings() -> dict:
+    """The settings of ``PromptReg()`` with its constructor's defaults (image size 160^3)."""
+    import dataclasses
+    out = {f.name: f.default for f in dataclasses.fields(PromptReg)
+           if f.name in SETTINGS_KEYS and f.default is not dataclasses.MISSING}
+    out.update(dtype=jnp.dtype(out["dtype"]).name, schedule=[int(s) for s in out["schedule"]])
+    return dict(out, name="promptreg", image_size=[160, 160, 160])
+
+
+def model_settings(config, num_tasks: int) -> dict:
+    """The settings of ``config.model`` for ``num_tasks`` training domains (JSON-ready)."""
+    m = config.model
+    return dict(name=m.name, channels=int(m.channels), num_tasks=int(num_tasks),
+                use_prompt=bool(m.use_prompt), prompt_head=m.prompt_head,
+                temperature=float(m.temperature), schedule=[int(s) for s in m.schedule],
+                int_steps=int(m.int_steps), conv_impl=m.conv_impl, dtype=m.dtype,
+                remat=bool(m.remat), image_size=[int(s) for s in config.data.image_size])
+
+
+def build_model(settings: dict) -> nn.Module:
+    """The network of saved settings (a checkpoint's ``meta["model"]``); missing keys take the
+    constructor's defaults."""
+    kw = {k: v for k, v in settings.items() if k in SETTINGS_KEYS and k not in ("name", "image_size")}
+    if "schedule" in kw:
+        kw["schedule"] = tuple(kw["schedule"])
+    if "dtype" in kw:
+        kw["dtype"] = jnp.dtype(kw["dtype"])
+    if settings["name"] == "voxelmorph":
+        kw = {k: kw[k] for k in ("int_steps", "conv_impl", "dtype", "remat") if k in kw}
+    return get_model(settings["name"], **kw)
+
+
+def load_model(path, allow_fallback: bool = False):
+    """``(model, params, meta, step)`` of the newest checkpoint under ``path`` (a run folder, its
+    ``checkpoints`` folder or one step folder), parameters as host arrays.
+
+    An unreadable newest checkpoint is an error unless ``allow_fallback``: a registration or
+    evaluation must not quietly use another model than the one asked for.
+    """
+    from promptreg_jax import checkpoint as ckpt_lib
+    params, meta, step = ckpt_lib.load_params(path, allow_fallback=allow_fallback)
+    if not isinstance(meta.get("model"), dict):
+        raise ckpt_lib.CheckpointError(f"checkpoint {path} holds no model settings")
+    return build_model(meta["model"]), params, meta, step

@@ -6,6 +6,10 @@ config shows every hyperparameter and where it departs from the paper.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
+
 import ml_collections
 
 # The five domains of the paper, in the authors' task order (SPEC section 5). Roots are folder
@@ -87,3 +91,49 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init_from = ""                  # workdir or checkpoint to fine-tune from (params only)
     return c
+
+
+# ------------------------------------------------------------------------------------ variants
+def without_prompt(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Table 2 "w/o RPG": plain RDP, no prompt generator (L_ort, L_ts vanish with it)."""
+    config.model.use_prompt = False
+    return config
+
+
+def without_constraints(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Table 2 "w/o R. Cons.": the RPG kept, its regularisers L_ort and L_ts weighted 0."""
+    config.loss.ort = 0.0
+    config.loss.ts = 0.0
+    return config
+
+
+def holding_out(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """Leave-one-domain-out: the configured domain ``name`` is evaluated only (zero-shot)."""
+    names = [d["name"].lower() for d in config.data.domains]
+    if name.lower() not in names:
+        raise ValueError(f"unknown domain {name!r} to hold out; choose one of "
+                         f"{[d['name'] for d in config.data.domains]}")
+    config.data.domains = [dict(d, held_out=d["name"].lower() == name.lower())
+                           for d in config.data.domains]
+    return config
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """``configs/X.py`` or ``configs/X.py:arg`` -> the ConfigDict its ``get_config`` returns.
+
+    The one loader for Python callers (evaluate, experiments, tests); the train command reads the
+    same files through ``ml_collections.config_flags``, which adds ``--config.KEY=VALUE``.
+    """
+    path, _, arg = str(spec).partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: file not found")
+    module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken config file, reported in one line
+        raise ValueError(f"--config {path}: cannot load ({type(e).__name__}: {e})")
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {path}: defines no get_config()")
+    return module.get_config(arg) if arg else module.get_config()

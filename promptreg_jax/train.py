@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import pathlib
+import signal
 import sys
 import time
 
@@ -24,9 +25,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from promptreg_jax import checkpoint as ckpt_lib
+from promptreg_jax.cli import Interrupted, run_cli
 from promptreg_jax import evaluate_lib, losses, optim
 from promptreg_jax import data as data_lib
-from promptreg_jax.model import get_model
+from promptreg_jax.model import build_model, model_settings
 from promptreg_jax.multihost import sync_processes
 
 log = logging.getLogger("promptreg_jax.train")
@@ -36,40 +38,66 @@ class TrainingError(RuntimeError):
     """A run cannot continue (non-finite loss, bad configuration); the message says why."""
 
 
-def model_settings(config, num_tasks: int) -> dict:
-    """The model's constructor arguments (and what a checkpoint must agree on)."""
-    m = config.model
-    out = dict(name=m.name, channels=int(m.channels), num_tasks=int(num_tasks),
-               use_prompt=bool(m.use_prompt), prompt_head=m.prompt_head,
-               temperature=float(m.temperature), schedule=[int(s) for s in m.schedule],
-               int_steps=int(m.int_steps), conv_impl=m.conv_impl, dtype=m.dtype,
-               remat=bool(m.remat), image_size=[int(s) for s in config.data.image_size])
-    return out
+class _StopSignals:
+    """Turns SIGTERM and SIGINT (preemption notices, Ctrl-C) into a flag read between steps.
+
+    Installed only in the main thread; the previous handlers come back on exit. A second signal
+    of the same kind while stopping is ignored: the checkpoint being written is finished.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> int:
+        """The signal every process stops for (0 = none): the processes agree on the step."""
+        if jax.process_count() == 1:
+            return self.signum
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.int32(self.signum))
+        return int(np.max(flags))
 
 
-def build_model(settings: dict):
-    """``get_model`` from saved settings (a checkpoint's ``meta["model"]`` works too)."""
-    kw = {k: v for k, v in settings.items() if k not in ("name", "image_size")}
-    kw["schedule"] = tuple(kw.get("schedule", (2, 2, 3, 1)))
-    kw["dtype"] = jnp.dtype(kw.get("dtype", "float32"))
-    if settings["name"] == "voxelmorph":
-        kw = {k: kw[k] for k in ("int_steps", "conv_impl", "dtype", "remat") if k in kw}
-    return get_model(settings["name"], **kw)
+def _optim_differences(meta: dict, config) -> list[str]:
+    """The optimiser settings that differ between a checkpoint's config and this one."""
+    saved = (meta.get("config") or {}).get("optim")
+    if not isinstance(saved, dict):
+        return []
+    now = json.loads(config.optim.to_json_best_effort())
+    return [f"optim.{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
+def _check_resumable(meta: dict, config, settings: dict, source: str) -> None:
+    ckpt_lib.check_compatible(meta, settings, source)
+    diffs = _optim_differences(meta, config)
+    if diffs:
+        raise ckpt_lib.CheckpointError(
+            f"checkpoint {source} was written with other optimiser settings ({'; '.join(diffs)}); "
+            f"rerun with the checkpoint's settings to resume, or start a new --workdir (with "
+            f"--config.init_from={source} to keep the parameters)")
 
 
 def loss_terms(model, params, batch, weights):
-    """Total loss and every term: MIND + smoothness + L_ort + L_ts (SPEC section 3)."""
+    """The training objective of one batch: ``(total, terms)`` (``losses.registration_objective``)."""
     out = model.apply({"params": params}, batch["moving"], batch["fixed"], batch["task_id"])
-    terms = {
-        "mind": losses.mind_loss(out["warped"], batch["fixed"]),
-        "smooth": losses.smoothness_loss(out["flow"]),
-        "ort": out["loss_ort"],
-        "ts": out["loss_ts"],
-    }
-    total = sum(weights[k] * v for k, v in terms.items())
-    w = out["prompt_weights"]
-    entropy = -jnp.sum(w * jnp.log(jnp.maximum(w, 1e-12)), axis=-1).mean() if w.shape[-1] else 0.0
-    return total, dict(terms, loss=total, prompt_entropy=jnp.asarray(entropy, jnp.float32))
+    return losses.registration_objective(out, batch["fixed"], weights)
 
 
 BATCH_KEYS = ("moving", "fixed", "task_id")
@@ -191,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sync_processes("compiled")
     restored = checkpointer.restore(
         abstract_sharded, data.train_iter,
-        check=lambda m: ckpt_lib.check_compatible(m, settings, str(checkpointer.directory))
+        check=lambda m: _check_resumable(m, config, settings, str(checkpointer.directory))
     ) if checkpointer.all_steps() else None
     if restored is not None:
         state, saved_meta, start = restored
@@ -238,33 +266,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_metrics, t_last, n_last = {}, time.perf_counter(), start
     step = start
     stop_at = int(config.train.get("stop_at_step", 0)) or total_steps
-    while step < min(total_steps, stop_at):
-        batch = to_global(next(data.train_iter))
-        state, metrics = train_step(state, batch)
-        step += 1
-        metrics = jax.device_get(metrics)
-        if not all(np.isfinite(float(v)) for v in metrics.values()):
-            good = checkpointer.all_steps()
-            raise TrainingError(
-                f"non-finite loss at step {step} ({_fmt(metrics)}); stopped without saving. The "
-                f"last good checkpoint is step {good[-1] if good else 'none'} in "
-                f"{checkpointer.directory}: lower config.optim.lr or check the data, then rerun "
-                f"the same command to resume from it")
-        last_metrics = {k: float(v) for k, v in metrics.items()}
-        progress.update(1)
-        if step % config.train.log_every_steps == 0 or step == total_steps:
-            now = time.perf_counter()
-            last_metrics["steps_per_sec"] = (step - n_last) / max(now - t_last, 1e-9)
-            t_last, n_last = now, step
-            progress.set_postfix_str(_fmt(last_metrics, ("loss", "mind", "lr")))
-            if writer is not None:
-                for k, v in last_metrics.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-        if step % config.train.checkpoint_every_steps == 0 or step in (total_steps, stop_at):
-            checkpointer.save(step, state, meta, data.train_iter)
-        if config.train.eval_every_steps and step % config.train.eval_every_steps == 0 \
-                and step != total_steps:
-            validate(step)
+    saved = checkpointer.all_steps()
+    saved_step = saved[-1] if saved else -1
+    with _StopSignals() as signals:
+        while step < min(total_steps, stop_at):
+            signum = signals.requested()
+            if signum:  # preemption notice or Ctrl-C: save this step boundary and stop
+                progress.close()
+                if step > saved_step:
+                    checkpointer.save(step, state, meta, data.train_iter)
+                checkpointer.close()
+                name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+                where = (f"checkpoint of step {step} in {checkpointer.directory}" if step > 0
+                         else "nothing to save yet")
+                raise Interrupted(signum, f"interrupted by {name} at step {step}: {where}; "
+                                          f"rerun the same command to resume")
+            batch = to_global(next(data.train_iter))
+            state, metrics = train_step(state, batch)
+            step += 1
+            metrics = jax.device_get(metrics)
+            if not all(np.isfinite(float(v)) for v in metrics.values()):
+                good = checkpointer.all_steps()
+                raise TrainingError(
+                    f"non-finite loss at step {step} ({_fmt(metrics)}); stopped without saving. "
+                    f"The last good checkpoint is step {good[-1] if good else 'none'} in "
+                    f"{checkpointer.directory}: lower config.optim.lr or check the data, then "
+                    f"rerun the same command to resume from it")
+            last_metrics = {k: float(v) for k, v in metrics.items()}
+            progress.update(1)
+            if step % config.train.log_every_steps == 0 or step == total_steps:
+                now = time.perf_counter()
+                last_metrics["steps_per_sec"] = (step - n_last) / max(now - t_last, 1e-9)
+                t_last, n_last = now, step
+                progress.set_postfix_str(_fmt(last_metrics, ("loss", "mind", "lr")))
+                if writer is not None:
+                    for k, v in last_metrics.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+            if step % config.train.checkpoint_every_steps == 0 or step in (total_steps, stop_at):
+                checkpointer.save(step, state, meta, data.train_iter)
+                saved_step = step
+            if config.train.eval_every_steps and step % config.train.eval_every_steps == 0 \
+                    and step != total_steps:
+                validate(step)
     progress.close()
 
     # ---------------------------------------------------------------- Final evaluation
@@ -332,27 +375,21 @@ def _parse_flags(argv):
 
 def main(argv):
     from absl import flags
+    from ml_collections import config_flags
     del argv
     flags_ = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
-    from promptreg_jax.cli import enable_compilation_cache
-    enable_compilation_cache()  # the network takes tens of seconds to compile on CPU
-    if flags_.coordinator_address:  # multi-process run (one process per host or per GPU)
-        jax.distributed.initialize(flags_.coordinator_address, flags_.num_processes,
-                                   flags_.process_id)
-    elif flags_.distributed:  # TPU pods / SLURM: jax discovers the cluster itself
-        jax.distributed.initialize()
-    config = flags_.config
-    from ml_collections import config_flags
     config_file = config_flags.get_config_filename(flags_["config"]).split(":")[0]
     workdir = flags_.workdir or os.path.join("runs", pathlib.Path(config_file).stem)
-    try:
-        train_and_evaluate(config, workdir)
-    except (TrainingError, ckpt_lib.CheckpointError, data_lib.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    def run():
+        if flags_.coordinator_address:  # multi-process run (one process per host or per GPU)
+            jax.distributed.initialize(flags_.coordinator_address, flags_.num_processes,
+                                       flags_.process_id)
+        elif flags_.distributed:  # TPU pods / SLURM: jax discovers the cluster itself
+            jax.distributed.initialize()
+        train_and_evaluate(flags_.config, workdir)
+
+    return run_cli(run, extra_errors=(TrainingError,), log_level=logging.INFO)
 
 
 if __name__ == "__main__":

@@ -47,11 +47,8 @@ def tiny_config(root, image=16, **train):
     Tests that train keep ``total_steps=4`` (the schedule is part of the compiled step) and stop
     earlier with ``stop_at_step``, so they share one compiled program through the cache.
     """
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("demo_config", REPO_ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    from promptreg_jax.recipes import load_config
+    config = load_config(f"{REPO_ROOT / 'configs' / 'demo.py'}:tiny")
     config.data.root = str(pathlib.Path(root) / "synthetic")
     config.data.synthetic.size = 24
     config.data.synthetic.subjects = 4

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from conftest import REPO_ROOT
 from tiny_checkpoint import tiny_checkpoint
-from promptreg_jax import evaluate, register
+from promptreg_jax import evaluate, model as model_lib, nifti_io, register
 from promptreg_jax.data.preprocess import load_volume, prepare_image, prepare_label
 from promptreg_jax.instance_opt import instance_optimize
 
@@ -29,7 +29,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(run):
     """``(model, params, meta, step)``, loaded once; the same objects serve every test."""
-    return evaluate.model_from_checkpoint(str(run[0]))
+    return model_lib.load_model(str(run[0]))
 
 
 def _img(data_root, domain, name):
@@ -107,8 +107,8 @@ def test_world_field_maps_fixed_points_to_moving_points_for_a_translation(tmp_pa
     y_can = np.moveaxis(np.indices(fixed.data.shape), 0, -1).astype(np.float64)
     world = y_can @ fixed.affine[:3, :3].T + fixed.affine[:3, 3]
     coords = (world + t - moving.affine[:3, 3]) @ np.linalg.inv(moving.affine[:3, :3]).T
-    fields = register.field_outputs(coords, fixed, moving)
-    register.save_world_displacement(fields.disp_world, nib.load(fixed_path), tmp_path / "w.nii.gz")
+    fields = nifti_io.field_outputs(coords, fixed, moving)
+    nifti_io.save_world_displacement(fields.disp_world, nib.load(fixed_path), tmp_path / "w.nii.gz")
 
     img = nib.load(tmp_path / "w.nii.gz")
     assert img.shape == (5, 6, 7, 1, 3) and int(img.header["intent_code"]) == 1007
@@ -183,7 +183,7 @@ def test_instance_optimisation_lowers_the_loss_and_never_changes_the_params(
                      f"{_lab(data, 'Brain', 'brain_000')}\n"
                      f"{b('brain_000')},{b('brain_001')},{_lab(data, 'Brain', 'brain_000')},"
                      f"{_lab(data, 'Brain', 'brain_001')}\n")
-    monkeypatch.setattr(evaluate, "model_from_checkpoint", lambda path: loaded)
+    monkeypatch.setattr(model_lib, "load_model", lambda path, **kw: loaded)
     out = tmp_path / "batch"
     assert register.main(["--pairs", str(pairs), "--workdir", str(workdir), "--out", str(out),
                           "--io-steps", "2", "--io-lr", "1e-4", "--no-qc"]) == 0
@@ -204,7 +204,7 @@ def test_4d_input_with_a_frame(run, loaded, tmp_path, monkeypatch):
     src = nib.load(_img(data, "Brain", "brain_000"))
     stack = np.stack([np.asarray(src.dataobj)] * 2, axis=-1)
     four_d = _write(tmp_path / "cine.nii.gz", stack, src.affine)
-    monkeypatch.setattr(evaluate, "model_from_checkpoint", lambda path: loaded)
+    monkeypatch.setattr(model_lib, "load_model", lambda path, **kw: loaded)
     out = tmp_path / "out"
     register.main(["--workdir", str(workdir), "--fixed", four_d, "--fixed-frame", "1",
                    "--moving", _img(data, "Brain", "brain_001"), "--out", str(out), "--no-qc"])
@@ -233,8 +233,8 @@ def bad_files(run, tmp_path_factory):
 ])
 def test_bad_input_one_line_exit_2(case, expected, bad_files, loaded, tmp_path, monkeypatch,
                                    capsys):
-    monkeypatch.setattr(evaluate, "model_from_checkpoint",
-                        lambda path: loaded if path != "/nonexistent/run"
+    monkeypatch.setattr(model_lib, "load_model",
+                        lambda path, **kw: loaded if path != "/nonexistent/run"
                         else evaluate._run_folder(path))
     f = bad_files
     args = {"missing": ["--fixed", f["brain"], "--moving", "/nonexistent/m.nii.gz"],

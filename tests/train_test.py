@@ -1,7 +1,6 @@
 """Training: sharded step = single-device step, exact resume,
 every config builds, and a tiny run learns."""
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import pytest
 from jax.sharding import Mesh
 
 from conftest import REPO_ROOT, tiny_config
-from promptreg_jax import optim, train
+from promptreg_jax import model as model_lib, optim, train
 
 
 def _flat(tree):
@@ -36,17 +35,15 @@ def _assert_params_close(a, b):
 
 
 def _load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
+    from promptreg_jax.recipes import load_config
+    return load_config(f"{REPO_ROOT / 'configs' / name}.py" + (f":{arg}" if arg else ""))
 
 
 def test_sharded_step_equals_single_device_step(tmp_path):
     # The same settings as train_and_evaluate on tiny_config, so the 4-device step is the very
     # program the other training tests run (one compilation, shared through the cache).
     config = tiny_config(tmp_path)
-    model = train.build_model(train.model_settings(config, num_tasks=5))
+    model = model_lib.build_model(model_lib.model_settings(config, num_tasks=5))
     schedule = optim.make_schedule(config.optim.lr, 4, config.optim.power, 1, "step")
     tx = optim.make_optimizer(schedule)
     weights = {k: float(config.loss[k]) for k in ("mind", "smooth", "ort", "ts")}
@@ -88,8 +85,8 @@ def test_every_config_builds_its_model(name, arg):
     config = _load_config(name, arg)
     held_out = sum(bool(d["held_out"]) for d in config.data.domains)
     z = len(config.data.domains) - held_out
-    settings = train.model_settings(config, z)
-    model = train.build_model(settings)
+    settings = model_lib.model_settings(config, z)
+    model = model_lib.build_model(settings)
     shape = (1, *config.data.image_size, 1)
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, x,

@@ -55,6 +55,8 @@ def _check_gzip_stream(path: str) -> None:
 def _open(path: str):
     if not os.path.isfile(path):
         raise DataError(path, "file not found")
+    if os.path.getsize(path) == 0:
+        raise DataError(path, "empty file (0 bytes)")
     if path.endswith(".gz"):
         with open(path, "rb") as f:
             if f.read(2) != b"\x1f\x8b":
@@ -70,6 +72,31 @@ def _open(path: str):
     return img
 
 
+def volume_shape(path: str, shape, frame: int | None,
+                 no_frame_hint: str = "the pair must name moving_frame/fixed_frame") -> tuple:
+    """A file's shape without trailing unit axes, checked: 3D, or 4D with a valid ``frame``."""
+    shape = tuple(int(n) for n in shape)
+    squeezed = shape
+    while len(squeezed) > 3 and squeezed[-1] == 1 and (frame is None or len(squeezed) > 4):
+        squeezed = squeezed[:-1]
+    if len(squeezed) < 3 or len(squeezed) > 4:
+        raise DataError(path, f"not a 3D volume (shape {shape})")
+    if len(squeezed) == 3 and frame is not None:
+        raise DataError(path, f"frame {frame} given but the file is 3D (shape {shape})")
+    if len(squeezed) == 4 and frame is None:
+        raise DataError(path, f"4D file (shape {shape}): {no_frame_hint}")
+    if frame is not None and not 0 <= frame < squeezed[3]:
+        raise DataError(path, f"frame {frame} out of range: the file has {squeezed[3]} frames")
+    return squeezed
+
+
+def check_header(path: str, frame: int | None = None, no_frame_hint: str = "") -> None:
+    """``load_volume``'s checks that need only the header (no voxel data is read)."""
+    img = _open(os.fspath(path))
+    volume_shape(os.fspath(path), img.shape, frame,
+                 no_frame_hint or "the pair must name moving_frame/fixed_frame")
+
+
 def load_volume(path: str, frame: int | None = None) -> Volume:
     """Reads a 3D volume (or frame ``frame`` of a 4D file's last axis) as float32, canonical axes.
 
@@ -79,18 +106,7 @@ def load_volume(path: str, frame: int | None = None) -> Volume:
     path = os.fspath(path)
     img = _open(path)
     shape = tuple(int(n) for n in img.shape)
-    squeezed = shape
-    while len(squeezed) > 3 and squeezed[-1] == 1 and (frame is None or len(squeezed) > 4):
-        squeezed = squeezed[:-1]
-    if len(squeezed) < 3 or len(squeezed) > 4:
-        raise DataError(path, f"not a 3D volume (shape {shape})")
-    if len(squeezed) == 3 and frame is not None:
-        raise DataError(path, f"frame {frame} given but the file is 3D (shape {shape})")
-    if len(squeezed) == 4 and frame is None:
-        raise DataError(path, f"4D file (shape {shape}) read without a frame; the pair must name "
-                              f"moving_frame/fixed_frame")
-    if frame is not None and not 0 <= frame < squeezed[3]:
-        raise DataError(path, f"frame {frame} out of range: the file has {squeezed[3]} frames")
+    squeezed = volume_shape(path, shape, frame)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(squeezed)
     except Exception as e:  # gzip/zlib errors, short reads, bad scaling: report the gzip cause

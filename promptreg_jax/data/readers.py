@@ -95,13 +95,17 @@ def _entry_path(entry, field: str, path: str, where: str, root: str) -> str:
     return _resolve(root, entry[field])
 
 
-def _frame(value: str, path: str, row: int, column: str) -> int | None:
-    if value == "":
+def parse_frame(value: str, path: str, row: int, column: str) -> int | None:
+    """A CSV cell naming a frame of a 4D file: ``""`` -> None, else an integer >= 0."""
+    if value in (None, ""):
         return None
     try:
-        return int(value)
+        frame = int(value)
     except ValueError:
         raise DataError(path, f"row {row}: column {column} {value!r} is not an integer frame")
+    if frame < 0:
+        raise DataError(path, f"row {row}: column {column} {frame} is negative")
+    return frame
 
 
 def _need_two(subjects: Sequence, source: str) -> None:
@@ -141,8 +145,8 @@ def _pairs_from_rows(rows, path: str, root: str) -> list[Pair]:
         lab = lambda c: _resolve(root, r[c]) if r.get(c) else None  # noqa: E731
         pairs.append(Pair(_resolve(root, r["moving_image"]), lab("moving_label"),
                           _resolve(root, r["fixed_image"]), lab("fixed_label"),
-                          _frame(r.get("moving_frame", ""), path, i, "moving_frame"),
-                          _frame(r.get("fixed_frame", ""), path, i, "fixed_frame")))
+                          parse_frame(r.get("moving_frame", ""), path, i, "moving_frame"),
+                          parse_frame(r.get("fixed_frame", ""), path, i, "fixed_frame")))
     return pairs
 
 

@@ -25,7 +25,7 @@ subject, as in M&Ms, and the last ``max(1, n // 4)`` subjects test. The anatomy 
 
 from __future__ import annotations
 
-import argparse
+from promptreg_jax.cli import ArgumentParser
 import csv
 import json
 import os
@@ -150,13 +150,8 @@ def ensure_synthetic(out_dir: str, size: int = 48, subjects: int = 8, seed: int 
     return generate(out_dir, size, subjects, seed, domains)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m promptreg_jax.data.synthetic", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m promptreg_jax.data.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--size", type=int, default=48, help="base volume size (>= 16)")
     parser.add_argument("--subjects", type=int, default=8, help="subjects per domain (>= 2)")
