@@ -7,13 +7,15 @@ Parameters are ``kernel (k, k, k, Cin, Cout)`` (and a bias added by the caller):
   its conv gradients slower still, so stride-1 convs run as 2D convs over the depth taps (or
   plane-wise matmuls where the channels are few) with a hand-written backward pass (a plane-loop
   kernel gradient), strided ones as a sum of 2D convs over the depth taps (see ``_conv_cpu``).
-  It is the default there (``"auto"``); on accelerators ``"auto"`` picks ``"native"``.
+  It is the default there (``"auto"``); on accelerators ``"auto"`` picks ``"native"``. The
+  platform is the one the program is traced for (``target_platform``), not the host's.
 
 This module holds the kernels only; the Flax blocks that use them are in ``layers.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from typing import Sequence
@@ -26,12 +28,52 @@ import numpy as np
 Padding = Sequence[tuple[int, int]]
 CONV_IMPLS = ("auto", "native", "depth_sum")
 
-def resolve_conv_impl(conv_impl: str) -> str:
-    """``"auto"`` -> ``"depth_sum"`` on the CPU backend, ``"native"`` elsewhere."""
+_TARGET_PLATFORM: list[str] = []
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None):
+    """Within this context, tracing decides platform-dependent forms (``conv_impl="auto"``, the
+    trilinear sampler's backward) for ``platform`` (``"cpu"``, ``"tpu"``, ``"gpu"``/``"cuda"``)
+    instead of ``jax.default_backend()``. Compile-only runs for accelerators (``benchmarks/aot.py``)
+    trace on a CPU host, where the default backend is ``cpu``; they wrap ``lower()`` in this.
+    ``None`` changes nothing.
+    """
+    if platform is None:
+        yield
+        return
+    _TARGET_PLATFORM.append(_normalise_platform(platform))
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.pop()
+
+
+def _normalise_platform(platform: str) -> str:
+    p = str(platform).lower()
+    return {"cuda": "gpu", "rocm": "gpu"}.get(p, p)
+
+
+def current_platform(platform: str | None = None) -> str:
+    """The platform that programs traced now are for: ``platform`` if given, else the innermost
+    :func:`target_platform`, else ``jax.default_backend()`` (``"gpu"`` for CUDA/ROCm)."""
+    if platform is not None:
+        return _normalise_platform(platform)
+    if _TARGET_PLATFORM:
+        return _TARGET_PLATFORM[-1]
+    return _normalise_platform(jax.default_backend())
+
+
+def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
+    """``"auto"`` -> ``"depth_sum"`` for the CPU, ``"native"`` for accelerators.
+
+    The platform is the one programs are being traced for (:func:`current_platform`: the
+    ``platform`` argument, else an enclosing :func:`target_platform`, else the default backend).
+    """
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
     if conv_impl == "auto":
-        return "depth_sum" if jax.default_backend() == "cpu" else "native"
+        return "depth_sum" if current_platform(platform) == "cpu" else "native"
     return conv_impl
 
 

@@ -115,7 +115,7 @@ def test_cpu_conv_custom_vjp_equals_native(cin, cout, k, pad):
 
 def test_cpu_conv_every_form_equals_native(monkeypatch):
     """Each forward form and each dK form, forced, on one small problem."""
-    monkeypatch.setattr(L, "_STACKED_CHUNK_BYTES", 1)  # "depth_stacked" one plane at a time
+    monkeypatch.setattr(C, "_STACKED_CHUNK_BYTES", 1)  # "depth_stacked" one plane at a time
     pad = ((1, 0), (1, 1), (0, 1))
     x, kernel = _normal(0, (2, 6, 5, 7, 3)), _normal(1, (3, 3, 3, 3, 4))
     dy = _normal(2, jax.eval_shape(lambda: C.conv3d(x, kernel, 1, pad)).shape)
@@ -157,6 +157,25 @@ def test_resolve_conv_impl():
                                            else "native")
     with pytest.raises(ValueError, match="conv_impl"):
         C.resolve_conv_impl("fft")
+
+
+def test_conv_impl_follows_the_target_platform_not_the_host():
+    # Compiling for an accelerator from a CPU host: the target decides ("auto" -> "native").
+    assert C.resolve_conv_impl("auto", platform="tpu") == "native"
+    assert C.resolve_conv_impl("auto", platform="cuda") == "native"
+    assert C.resolve_conv_impl("auto", platform="cpu") == "depth_sum"
+    with C.target_platform("tpu"):
+        assert C.current_platform() == "tpu"
+        assert C.resolve_conv_impl("auto") == "native"
+        assert C.resolve_conv_impl("depth_sum") == "depth_sum"
+        with C.target_platform("cpu"):
+            assert C.resolve_conv_impl("auto") == "depth_sum"
+        # What is traced inside the context uses the native 3D conv.
+        x, k = jnp.zeros((1, 4, 4, 4, 2)), jnp.zeros((3, 3, 3, 2, 3))
+        jaxpr = str(jax.make_jaxpr(lambda a, b: C.conv3d(a, b, conv_impl="auto"))(x, k))
+        assert jaxpr.count("conv_general_dilated") == 1
+    with C.target_platform(None):
+        assert C.current_platform() == C.current_platform(jax.default_backend())
 
 
 def test_pytorch_default_init_bounds():
