@@ -76,10 +76,15 @@ def env_line(env: dict) -> str:
             f"jaxlib={env['jaxlib']} flax={env['flax']} numpy={env['numpy']}]")
 
 
+def process_peak_rss_gib() -> float:
+    """This process's peak resident set size (``ru_maxrss``, KiB on Linux) in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def peak_memory() -> dict:
     """Process peak RSS, plus the accelerator's peak bytes where the backend reports them."""
     import jax
-    out = dict(rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # KiB
+    out = dict(rss_gib=process_peak_rss_gib())
     if jax.default_backend() != "cpu":
         stats = [d.memory_stats() or {} for d in jax.local_devices()]
         peaks = [s.get("peak_bytes_in_use") for s in stats]
@@ -126,13 +131,15 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
-def _time_calls(call, repeats: int):
-    """Calls ``call()`` ``repeats + 1`` times (the first is the warm-up), blocking on each result;
-    returns (median seconds, the timed seconds, the last result)."""
+def _time_calls(call, repeats: int, block=None):
+    """Calls ``call()`` ``repeats + 1`` times (the first is the warm-up), blocking on each result
+    (``block``, default ``jax.block_until_ready``); returns (median seconds, the timed seconds,
+    the last result)."""
+    block = _block if block is None else block
     times, out = [], None
     for i in range(repeats + 1):
         t = time.perf_counter()
-        out = _block(call())
+        out = block(call())
         if i:
             times.append(time.perf_counter() - t)
     return statistics.median(times), times, out
@@ -322,7 +329,7 @@ def prepare_loader_data(tmp: str, subjects: int = 4):
     entries = ensure_synthetic(os.path.join(tmp, "synthetic"), size=48, subjects=subjects)
     gen_s = time.perf_counter() - t
     cfg = ml_collections.ConfigDict({"data": {"domains": entries}})
-    train = {d: list(read_pairs(d)[0]) for d in domains_from_config(cfg)}
+    train = {d: list(read_pairs(d)[0]) for d in domains_from_config(cfg.data)}
     return train, VolumeCache(os.path.join(tmp, "cache")), gen_s
 
 
@@ -344,17 +351,23 @@ def run_child(kind: str, size: int, args) -> dict:
            "--repeats", str(args.repeats), "--conv-impl", args.conv_impl, "--dtype", args.dtype]
     if args.remat:
         cmd.append("--remat")
+    return run_json_child(cmd, args.child_timeout, size=size)
+
+
+def run_json_child(cmd, timeout: float, env=None, **info) -> dict:
+    """Runs ``cmd`` and returns the JSON it prints after ``CHILD_TAG`` (plus ``wall_s``), or
+    ``info`` with an ``error`` (time-out, or the exit status and the last lines of output)."""
     t = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return dict(size=size, error=f"timed out after {args.child_timeout} s")
+        return dict(info, error=f"timed out after {timeout:g} s")
     wall = time.perf_counter() - t
     for line in p.stdout.splitlines():
         if line.startswith(CHILD_TAG):
             return dict(json.loads(line[len(CHILD_TAG):]), wall_s=wall)
     tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-    return dict(size=size, error=f"exit {p.returncode}: " + " | ".join(tail), wall_s=wall)
+    return dict(info, error=f"exit {p.returncode}: " + " | ".join(tail), wall_s=wall)
 
 
 def parse_args(argv=None):
@@ -451,7 +464,7 @@ def main(argv=None) -> dict:
                 results["loader"].append(r)
     finally:
         tmp.cleanup()
-    results["main_process_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    results["main_process_rss_gib"] = process_peak_rss_gib()
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
