@@ -249,6 +249,61 @@ def _sample_linear_bwd(shape, on_grid, form, res, g):
 _sample_linear.defvjp(_sample_linear_fwd, _sample_linear_bwd)
 
 
+def _cell_table_cf(u_CxN, shape):
+    """:func:`_cell_table` from a channel-first ``(C, N)`` volume."""
+    X, Y, Z = shape
+    C = u_CxN.shape[0]
+    vp = jnp.pad(u_CxN.reshape(C, X, Y, Z), ((0, 0), (1, 1), (1, 1), (1, 1)))
+    slabs = [vp[:, bx:bx + X + 1, by:by + Y + 1, bz:bz + Z + 1]
+             for bx, by, bz in ((k >> 2 & 1, k >> 1 & 1, k & 1) for k in range(8))]
+    return jnp.stack(slabs, 0).reshape(8 * C, -1)   # (8 C, cells), corner-major
+
+
+def _self_warp_rows(u_3xN, shape, layout):
+    """The 8 corner values of every point of ``u(x + u(x))``: ``(P, 8, 3)`` float32, plus the
+    cells' weights and their derivatives."""
+    coords = _grid_coords(u_3xN.T, shape)
+    flat, w, dw = _cells(coords, shape)
+    table = _cell_table_cf(u_3xN, shape)
+    if layout == "rows":
+        rows = jnp.take(table.T, flat, axis=0).reshape(-1, 8, 3)
+    else:  # "columns": gather along the minor (voxel) axis of the channel-first table
+        rows = jnp.take(table, flat, axis=1).T.reshape(-1, 8, 3)
+    return coords, rows, w, dw
+
+
+# How a squaring step gathers its corner rows: "columns" (along the voxel axis of the
+# channel-first table) or "rows" (rows of the transposed table). Measured for TPU v5e, one
+# integrate() forward + backward at 64^3: 3.41 GiB accessed ("columns") vs 4.86 GiB ("rows").
+_SELF_WARP_LAYOUT = ["columns"]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _self_warp_cf(u_3xN, shape, form):
+    """``u(x + u(x))`` of a channel-first field ``(3, N)`` on its own grid (a squaring step):
+    one residual, the field itself, kept compact (3 x N, no 128-lane padding of a minor 3)."""
+    _, rows, w, _ = _self_warp_rows(u_3xN, shape, _SELF_WARP_LAYOUT[0])
+    return jnp.einsum("pk,pkc->cp", w, rows)
+
+
+def _self_warp_cf_fwd(u_3xN, shape, form):
+    return _self_warp_cf(u_3xN, shape, form), u_3xN
+
+
+def _self_warp_cf_bwd(shape, form, u_3xN, g_3xP):
+    coords, rows, _, dw = _self_warp_rows(u_3xN, shape, _SELF_WARP_LAYOUT[0])
+    g = g_3xP.T
+    d_points = jnp.einsum("pk,pkd->pd", jnp.einsum("pkc,pc->pk", rows, g), dw)
+    if form == "gather":
+        d_volume = _volume_grad_adjoint_gather(u_3xN.T, shape, g)
+    else:
+        d_volume = _volume_grad_cells(coords, shape, g)
+    return ((d_volume + d_points).T.astype(u_3xN.dtype),)
+
+
+_self_warp_cf.defvjp(_self_warp_cf_fwd, _self_warp_cf_bwd)
+
+
 def _sample_nearest(volume_NxC, coords_Px3, shape):
     """Nearest-voxel samples (round half up, as SciPy's order 0), zero outside."""
     idx = jnp.floor(coords_Px3 + 0.5).astype(jnp.int32)
@@ -315,9 +370,24 @@ def compose(u, w):
 def integrate(velocity, steps: int = 7):
     """Scaling and squaring: ``v / 2**steps``, then ``steps`` times ``u <- u + u(x + u)``."""
     u = velocity / (2.0 ** steps)
-    # A loop, not unrolled Python: XLA compiles one squaring body (about 5x faster to compile
-    # for 7 steps with gradients; the same numbers).
-    return jax.lax.fori_loop(0, steps, lambda _, u: u + warp(u, u), u)
+    form = resolve_sampler()
+    if form == "scatter":
+        # A loop, not unrolled Python: XLA compiles one squaring body (about 5x faster to compile
+        # for 7 steps with gradients; the same numbers).
+        return jax.lax.fori_loop(0, steps, lambda _, u: u + warp(u, u), u)
+    # Accelerators: the loop carries the field channel-first, (3, X*Y*Z), so the per-step fields
+    # kept for the backward pass are not padded from 3 to 128 lanes on TPU (42x); the squaring
+    # uses the one-gather, one-scatter sampler.
+    shape = tuple(velocity.shape[1:4])
+
+    def one(v):
+        u_cf = jnp.moveaxis(v, -1, 0).reshape(3, -1)
+        u_cf = jax.lax.fori_loop(0, steps, lambda _, w: w + _self_warp_cf(w, shape, form), u_cf)
+        return jnp.moveaxis(u_cf.reshape(3, *shape), 0, -1)
+
+    if velocity.shape[0] == 1:
+        return one(u[0])[None]
+    return jax.vmap(one)(u)
 
 
 def _xp(x):

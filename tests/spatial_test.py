@@ -231,9 +231,12 @@ def test_cells_form_equals_scatter_form(shape, channels):
             np.testing.assert_allclose(a, b, atol=2e-6 * scale + 1e-6)
 
 
-def test_cells_form_integrate_gradient_equals_scatter_form():
-    v = _rand((1, 10, 9, 8, 3), 6, 4.0)
-    r = _rand((1, 10, 9, 8, 3), 7)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cells_form_integrate_gradient_equals_scatter_form(batch):
+    """The accelerator form's squaring loop (channel-first carry, one-residual self-warp) equals
+    today's loop in value and gradient."""
+    v = _rand((batch, 10, 9, 8, 3), 6, 4.0)
+    r = _rand((batch, 10, 9, 8, 3), 7)
     fn = lambda v: jnp.sum(W.integrate(v, 7) * r)
     (v0, g0), (v1, g1) = (_grads(fn, (v,), s, 0) for s in ("scatter", "cells"))
     np.testing.assert_allclose(v1, v0, rtol=1e-5)
@@ -273,3 +276,14 @@ def test_gather_form_is_exact_for_translations_and_close_for_smooth_small_fields
     g_gather = _grads(fn, (img, smooth), "gather", 0)[1]
     rel = float(jnp.linalg.norm((g_gather - g_exact)[inner]) / jnp.linalg.norm(g_exact[inner]))
     assert rel < 0.08, rel
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_self_warp_gather_layouts_agree(layout, monkeypatch):
+    monkeypatch.setattr(W, "_SELF_WARP_LAYOUT", [layout])
+    v = _rand((1, 7, 6, 5, 3), 12, 3.0)
+    r = _rand((1, 7, 6, 5, 3), 13)
+    fn = lambda v: jnp.sum(W.integrate(v, 3) * r)
+    (v0, g0), (v1, g1) = (_grads(fn, (v,), s, 0) for s in ("scatter", "cells"))
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    np.testing.assert_allclose(g1, g0, atol=1e-5 * float(jnp.max(jnp.abs(g0))))
