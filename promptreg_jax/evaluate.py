@@ -155,16 +155,8 @@ def model_from_checkpoint(path: str, allow_fallback: bool = False):
 def test_pairs_by_domain(config, cache_dir: str, max_pairs: int = 0):
     """``[(Domain, pairs, cache, image_size)]``: the test pairs of every configured domain."""
     from promptreg_jax import data as data_lib
-    from promptreg_jax.data.pipeline import synthetic_root
-    from promptreg_jax.data import synthetic
-    if config.data.synthetic.enabled:
-        config = config.copy_and_resolve_references()
-        root = config.data.root or synthetic_root(config.data.synthetic)
-        syn = config.data.synthetic
-        synthetic.ensure_synthetic(root, int(syn.size), int(syn.subjects), int(syn.seed))
-        with config.unlocked():
-            config.data.root = root
-    domains = data_lib.domains_from_config(config)
+    data_cfg = data_lib.resolve_data(config.data, generate=True)
+    domains = data_lib.domains_from_config(data_cfg)
     cache = data_lib.VolumeCache(cache_dir, norm_mode=config.data.norm_mode)
     size = tuple(int(s) for s in config.data.image_size)
     out = []

@@ -174,8 +174,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local_batch = global_batch // jax.process_count()
 
     # ---------------------------------------------------------------- Data
-    data = data_lib.build_pipeline(config, workdir, batch_size=local_batch,
-                                   process_index=jax.process_index(),
+    if is_main:  # one process writes (synthetic data, cache); the others wait, then read
+        data_lib.prepare_data(config.data, workdir, progress=True)
+    sync_processes("data")
+    data = data_lib.build_pipeline(config.data, workdir, batch_size=local_batch,
+                                   seed=int(config.seed), process_index=jax.process_index(),
                                    process_count=jax.process_count())
     num_tasks = len(data.train_domains)
     steps_per_epoch = max(int(config.data.pairs_per_domain) * num_tasks // global_batch, 1)

@@ -39,7 +39,7 @@ def _config(domains, root=""):
     cfg.data = ml_collections.ConfigDict()
     cfg.data.root = root
     cfg.data.domains = domains
-    return cfg
+    return cfg.data
 
 
 def test_domains_task_ids_roots_and_label_map(tmp_path, monkeypatch):

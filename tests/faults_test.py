@@ -216,3 +216,72 @@ def test_non_finite_loss_stops_and_resumes(reference, tmp_path, monkeypatch):
     step, params = _params(workdir)
     assert step == 4
     _assert_same(params, expected)
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identical(reference, tmp_path,
+                                                                       monkeypatch, capsys):
+    """SIGTERM during step 3 with no checkpoint due (every 100 steps): the step finishes, step 3
+    is saved, the run stops with Interrupted; the rerun ends like an uninterrupted run."""
+    root, expected = reference
+    workdir = tmp_path / "run"
+    real = train.make_train_fns
+
+    def preempted(*a, **kw):
+        init, step_fn, abstract, sharding = real(*a, **kw)
+        calls = [0]
+
+        def step(state, batch):
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled between steps, not fatal
+            return step_fn(state, batch)
+        return init, step, abstract, sharding
+
+    monkeypatch.setattr(train, "make_train_fns", preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(train.Interrupted) as e:
+        train.train_and_evaluate(tiny_config(root, checkpoint_every_steps=100), workdir)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is uninstalled
+    assert e.value.signum == signal.SIGTERM
+    assert str(e.value).startswith("interrupted by SIGTERM at step 3: checkpoint of step 3")
+    assert ckpt_lib.Checkpointer(workdir / "checkpoints").all_steps() == [3]
+    # The CLI boundary turns it into one line and exit code 128 + 15.
+    from promptreg_jax.cli import run_cli
+
+    def raise_it():
+        raise e.value
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as code:
+        run_cli(raise_it)
+    assert code.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines() == [str(e.value)]
+    monkeypatch.setattr(train, "make_train_fns", real)
+    result = train.train_and_evaluate(tiny_config(root, checkpoint_every_steps=100), workdir)
+    assert result["step"] == 4
+    step, params = _params(workdir)
+    assert step == 4
+    _assert_same(params, expected)
+
+
+def test_changed_optimiser_setting_is_named_not_taken_for_corruption(reference, tmp_path):
+    root, _ = reference
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(root, stop_at_step=1), workdir)
+    config = tiny_config(root)
+    config.optim.amsgrad = False
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        train.train_and_evaluate(config, workdir)
+    msg = str(e.value)
+    assert "optim.amsgrad: checkpoint True vs now False" in msg and "init_from" in msg, msg
+    assert ckpt_lib.Checkpointer(workdir / "checkpoints").all_steps() == [1]  # left as it was
+
+
+def test_all_checkpoints_unreadable_is_an_error_not_a_restart(reference, tmp_path):
+    root, _ = reference
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(root, stop_at_step=1), workdir)
+    for f in (workdir / "checkpoints" / "1" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(ckpt_lib.CheckpointError, match="every checkpoint in .* is unreadable"):
+        train.train_and_evaluate(tiny_config(root), workdir)

@@ -21,7 +21,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(tmp_path):
+def test_two_processes_equal_one_process_after_a_sigterm(tmp_path):
+    """Process 1 alone gets SIGTERM during step 1: both processes stop after step 1 with one
+    checkpoint; rerun, they resume from it and end with the single-process parameters."""
     worker = str(REPO_ROOT / "tests" / "multiprocess_worker.py")
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     root = str(tmp_path)
@@ -34,12 +36,22 @@ def test_two_processes_equal_one_process(tmp_path):
     np.savez(tmp_path / "single.npz", loss=single["train"]["loss"],
              **{"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(jax.device_get(v))
                 for path, v in jax.tree_util.tree_flatten_with_path(single["state"]["params"])[0]})
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, worker, root, str(tmp_path / "multi"),
-                               str(tmp_path / "multi.npz"), str(i), "2", port, "2"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
+    def run(*extra):
+        port = str(_free_port())
+        procs = [subprocess.Popen([sys.executable, worker, root, str(tmp_path / "multi"),
+                                   str(tmp_path / "multi.npz"), str(i), "2", port, "2", *extra],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+                 for i in range(2)]
+        return procs, [p.communicate(timeout=900) for p in procs]
+
+    procs, outs = run("SIGTERM")
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 143, err[-3000:]
+        assert f"process {i}: interrupted by SIGTERM at step 1" in out, out + err[-2000:]
+    from promptreg_jax import checkpoint as ckpt_lib
+    assert ckpt_lib.Checkpointer(tmp_path / "multi" / "checkpoints").all_steps() == [1]
+    procs, outs = run()
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
         assert "of 2: 4 devices" in out

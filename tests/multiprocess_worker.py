@@ -1,15 +1,19 @@
 """One process of a multi-process training run (used by train_test.py, not collected itself).
 
-    python tests/multiprocess_worker.py ROOT WORKDIR OUT.npz PROCESS_ID NUM_PROCESSES PORT DEVICES
+    python tests/multiprocess_worker.py ROOT WORKDIR OUT.npz PROCESS_ID NUM_PROCESSES PORT DEVICES [SIGTERM]
 
 Runs two training steps of the tiny test config with ``jax.distributed`` over CPU devices
-(gloo collectives) and writes the final parameters from process 0.
+(gloo collectives) and writes the final parameters from process 0. With a last argument
+``SIGTERM``, process 1 sends itself SIGTERM during its first step (a preemption notice that
+reaches one host): every process must stop at the same step boundary after writing one
+checkpoint, and exit with 143.
 """
 
 import os
 import sys
 
 root, workdir, out, pid, nproc, port, ndev = sys.argv[1:8]
+sigterm = sys.argv[8:9] == ["SIGTERM"]
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +29,26 @@ if int(nproc) > 1:
 
 from promptreg_jax import train  # noqa: E402
 
+if sigterm and int(pid) == 1:
+    import signal
+    real = train.make_train_fns
+
+    def preempted(*a, **kw):
+        init, step_fn, abstract, sharding = real(*a, **kw)
+
+        def step(state, batch):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step runs
+            return step_fn(state, batch)
+        return init, step, abstract, sharding
+
+    train.make_train_fns = preempted
+
 config = tiny_config(root, stop_at_step=2, checkpoint_every_steps=100)
-result = train.train_and_evaluate(config, workdir)
+try:
+    result = train.train_and_evaluate(config, workdir)
+except train.Interrupted as e:
+    print(f"process {jax.process_index()}: {e}", flush=True)
+    sys.exit(128 + e.signum)
 params = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), result["state"]["params"])
 if jax.process_index() == 0:
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): v

@@ -15,6 +15,7 @@ from scipy import ndimage
 from conftest import REPO_ROOT
 from tiny_checkpoint import tiny_checkpoint
 from promptreg_jax import evaluate, model as model_lib, nifti_io, register
+from promptreg_jax import registrar as registrar_mod
 from promptreg_jax.data.preprocess import load_volume, prepare_image, prepare_label
 from promptreg_jax.instance_opt import instance_optimize
 
@@ -260,3 +261,131 @@ def test_missing_file_in_a_subprocess(bad_files, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: /nonexistent/f.nii.gz: file not found (fixed, command line)"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "promptreg_jax.register", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+
+
+def test_unreadable_newest_checkpoint_needs_a_flag_and_the_step_is_recorded(run, tmp_path):
+    """Newest step truncated: an error naming the readable step (no traceback); with
+    --allow-older-checkpoint that step is used, printed, and recorded in the CSV and headers."""
+    import shutil
+    workdir, data = run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir / "checkpoints", copy / "checkpoints")
+    shutil.copytree(copy / "checkpoints" / "2", copy / "checkpoints" / "1")  # an older step
+    for f in (copy / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    pair = ["--fixed", _img(data, "Brain", "brain_000"), "--moving", _img(data, "Brain", "brain_001"),
+            "--workdir", copy, "--no-qc"]
+    refused = _cli(*pair, "--out", tmp_path / "a")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    line, = refused.stderr.strip().splitlines()
+    assert "newest checkpoint" in line and "step 1" in line and "--allow-older-checkpoint" in line
+    assert not (tmp_path / "a").exists()
+    used = _cli(*pair, "--out", tmp_path / "b", "--allow-older-checkpoint")
+    assert used.returncode == 0, used.stderr[-3000:]
+    assert "Traceback" not in used.stderr and "Event loop is closed" not in used.stderr
+    assert "model: checkpoint step 1 of" in used.stdout
+    row, = csv.DictReader(open(tmp_path / "b" / "registration.csv"))
+    assert row["checkpoint_step"] == "1"
+    header = nib.load(tmp_path / "b" / "disp_brain_000_brain_001.nii.gz").header
+    assert b"step 1" in bytes(header["descrip"])
+
+
+def test_output_folder_is_not_mixed_between_runs(run, loaded, tmp_path, monkeypatch, capsys):
+    workdir, data = run
+    monkeypatch.setattr(model_lib, "load_model", lambda path, **kw: loaded)
+    out = tmp_path / "out"
+    base = ["--workdir", str(workdir), "--out", str(out), "--no-qc"]
+    a = ["--fixed", _img(data, "Brain", "brain_000"), "--moving", _img(data, "Brain", "brain_001"),
+         "--fixed-label", _lab(data, "Brain", "brain_000"),
+         "--moving-label", _lab(data, "Brain", "brain_001")]
+    assert register.main(a + base) == 0
+    first = sorted(p.name for p in out.iterdir())
+    b = ["--fixed", _img(data, "Brain", "brain_001"), "--moving", _img(data, "Brain", "brain_000")]
+    with pytest.raises(SystemExit) as e:
+        register.main(b + base)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not empty" in err[0] and "--overwrite" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == first  # untouched
+    assert register.main(b + base + ["--overwrite"]) == 0
+    rows = list(csv.DictReader(open(out / "registration.csv")))
+    names = {p.name for p in out.iterdir()}
+    assert [r["name"] for r in rows] == ["brain_001_brain_000"]
+    assert not any("brain_000_brain_001" in n for n in names), names  # no stale label or field
+    assert "disp_brain_001_brain_000.nii.gz" in names
+
+
+def test_a_bad_pair_is_recorded_and_the_batch_goes_on(run, loaded, bad_files, tmp_path,
+                                                      monkeypatch, capsys):
+    workdir, data = run
+    monkeypatch.setattr(model_lib, "load_model", lambda path, **kw: loaded)
+    const = tmp_path / "constant.nii.gz"
+    src = nib.load(_img(data, "Brain", "brain_000"))
+    _write(const, np.full(src.shape, 7.0, np.float32), src.affine)
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    b = lambda name: _img(data, "Brain", name)  # noqa: E731
+    good = f"{b('brain_000')},{b('brain_001')}\n"
+    # A missing or empty file anywhere: refused before any work, naming the file.
+    for bad, words in ((f"{b('brain_000')},/nonexistent/x.nii.gz\n", "file not found"),
+                       (f"{b('brain_000')},{empty}\n", "empty file (0 bytes)")):
+        pairs = tmp_path / "pairs.csv"
+        pairs.write_text("fixed,moving\n" + good + bad)
+        with pytest.raises(SystemExit) as e:
+            register.main(["--pairs", str(pairs), "--workdir", str(workdir),
+                           "--out", str(tmp_path / "refused"), "--no-qc", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+        assert not (tmp_path / "refused").exists()
+    # A pair that fails only once read (constant image): recorded, the others registered.
+    pairs.write_text("fixed,moving\n" + good + f"{b('brain_000')},{const}\n" + good)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        register.main(["--pairs", str(pairs), "--workdir", str(workdir), "--out", str(out),
+                       "--no-qc", "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "1 of 3 pairs failed" in err[-1]
+    rows = list(csv.DictReader(open(out / "registration.csv")))
+    assert [bool(r["error"]) for r in rows] == [False, True, False]
+    assert "constant image" in rows[1]["error"]
+    assert (out / f"disp_{rows[2]['name']}.nii.gz").exists()
+
+
+def test_a_folding_field_is_warned_about(run, loaded, tmp_path, capsys):
+    """A field that folds (du_x/dx = -1.5, so J < 0) gets a warning line; a smooth one none."""
+    _, data = run
+    model, params, meta, _ = loaded
+    registrar = register.Registrar(model, params, meta, qc=False, step=2)
+    size = registrar.image_size
+    x = np.arange(size[0], dtype=np.float32)[:, None, None]
+    folding = np.zeros((1, *size, 3), np.float32)
+    folding[0, ..., 0] = -1.5 * (x - size[0] / 2)
+    weights = np.full((1, len(registrar.domains)), 1.0 / len(registrar.domains), np.float32)
+    pair = register.PairSpec(_img(data, "Brain", "brain_000"), _img(data, "Brain", "brain_001"))
+    for flow, warned in ((np.zeros_like(folding), False), (folding, True)):
+        registrar.predict = lambda p, m, f, flow=flow: (flow, weights)
+        out = tmp_path / f"o{int(warned)}"
+        (row,) = registrar_mod.register_pairs(registrar, [pair], out, progress=False, echo=print)
+        text = capsys.readouterr().out
+        assert ("warning:" in text and "fold" in text) == warned, text
+        assert (row["neg_jacobian_pct"] > 50) == warned
+
+
+def test_qc_figure_with_a_cjk_file_name_warns_nothing(tmp_path):
+    import warnings
+    from promptreg_jax.qc import qc_figure
+    rng = np.random.default_rng(0)
+    vol = rng.random((12, 14, 10)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qc_figure(tmp_path / "qc.png", vol, vol, vol, np.zeros((12, 14, 10, 3), np.float32),
+                  (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), title="脑部扫描_000 <- 脑部扫描_001")
+    assert (tmp_path / "qc.png").stat().st_size > 1000
+    assert not [w for w in caught if "lyph" in str(w.message)], [str(w.message) for w in caught]

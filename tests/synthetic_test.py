@@ -52,7 +52,7 @@ def test_generate_layout_and_determinism(tmp_path):
     summary = json.loads((tmp_path / "a/domains.json").read_text())
     assert [d["num_classes"] for d in summary["domains"]] == [13, 5, 3, 4, 4]
     cfg = ml_collections.ConfigDict({"data": {"domains": entries}})
-    for domain in domains_from_config(cfg):
+    for domain in domains_from_config(cfg.data):
         train, test = read_pairs(domain)  # the authors' csv layout, read by the real reader
         assert train and test and domain.task_id >= 0
         if domain.name == "Cardiac":
@@ -66,12 +66,15 @@ def test_generate_layout_and_determinism(tmp_path):
     assert not np.array_equal(load("a"), load("c"))
 
 
-def test_ensure_synthetic_regenerates_only_when_incomplete(tmp_path):
+def test_ensure_synthetic_regenerates_only_when_incomplete(tmp_path, capsys):
     out = str(tmp_path / "syn")
     entries = ensure_synthetic(out, size=16, subjects=2, seed=0, domains=("hippocampus",))
+    assert f"generating the synthetic data set (size 16, 2 subjects per domain) into {out}" \
+        in capsys.readouterr().err  # says where it writes
     image = os.path.join(entries[0]["root"], "images", "hippocampus_000.nii.gz")
     stamp = os.stat(image).st_mtime_ns
     assert ensure_synthetic(out, size=16, subjects=2, seed=0, domains=("hippocampus",)) == entries
+    assert "generating" not in capsys.readouterr().err
     assert os.stat(image).st_mtime_ns == stamp
     os.remove(os.path.join(out, ".complete.json"))  # as if a generation had been killed
     os.remove(image)

@@ -2,7 +2,7 @@
 
 Typical use::
 
-    domains = domains_from_config(config)
+    domains = domains_from_config(config.data)
     splits = {d: read_pairs(d) for d in domains}            # (train pairs, eval pairs)
     cache = VolumeCache(config.data.cache_dir, norm_mode="paper")
     train = {d: s[0] for d, s in splits.items() if not d.held_out}
@@ -15,7 +15,8 @@ from promptreg_jax.data.domains import (DATA_ROOT_ENV, Domain, data_root, domain
                                         training_domains)
 from promptreg_jax.data.errors import DataError
 from promptreg_jax.data.loader import iterate_eval_pairs, loader_throughput, make_train_loader
-from promptreg_jax.data.pipeline import Pipeline, build_pipeline, synthetic_root
+from promptreg_jax.data.pipeline import (Pipeline, build_pipeline, prepare_data, resolve_data,
+                                         synthetic_root)
 from promptreg_jax.data.preprocess import (Volume, apply_label_map, load_image, load_label,
                                            load_volume, normalize, prepare_image, prepare_label)
 from promptreg_jax.data.readers import Pair, read_pairs
@@ -31,7 +32,7 @@ def ensure_synthetic(out_dir: str, size: int = 48, subjects: int = 8, seed: int 
     return synthetic.ensure_synthetic(out_dir, size, subjects, seed, domains)
 
 __all__ = [
-    "DATA_ROOT_ENV", "DataError", "Domain", "Pair", "Pipeline", "build_pipeline", "synthetic_root", "Volume", "VolumeCache", "apply_label_map",
+    "DATA_ROOT_ENV", "DataError", "Domain", "Pair", "Pipeline", "build_pipeline", "prepare_data", "resolve_data", "synthetic_root", "Volume", "VolumeCache", "apply_label_map",
     "data_root", "domains_from_config", "ensure_synthetic", "iterate_eval_pairs", "load_image",
     "load_label", "load_volume", "loader_throughput", "make_train_loader", "normalize",
     "prepare_image", "prepare_label", "read_pairs", "training_domains",

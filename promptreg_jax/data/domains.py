@@ -84,14 +84,18 @@ def data_root(cfg_data: Any = None) -> str:
     return str(root) or os.environ.get(DATA_ROOT_ENV, "")
 
 
-def domains_from_config(cfg: Any) -> list[Domain]:
-    """Parses ``cfg.data.domains`` (or ``cfg.domains`` when given ``cfg.data``) into Domains.
+def domains_from_config(data: Any) -> list[Domain]:
+    """Parses ``config.data.domains`` into Domains (give it ``config.data``).
 
     Raises DataError naming the entry for an unknown reader or modality, a bad label map or
     class count, a duplicate name, and a root folder that does not exist (the message says how to
     point at the data).
     """
-    data = cfg.data if hasattr(cfg, "data") else cfg
+    if hasattr(data, "data") and not hasattr(data, "domains"):
+        import warnings
+        warnings.warn("domains_from_config(config) is deprecated: pass config.data",
+                      DeprecationWarning, stacklevel=2)
+        data = data.data
     entries = data.get("domains", None) if hasattr(data, "get") else None
     if not entries:
         raise DataError("config.data.domains", f"no domains configured; {_HOW_TO_POINT}")

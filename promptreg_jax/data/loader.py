@@ -129,6 +129,18 @@ def _training_domains(pairs_by_domain: Mapping[Domain, Sequence[Pair]]):
     return items
 
 
+def _grain_flags_readable() -> None:
+    """grain 0.2.18's ``mp_prefetch`` reads its own absl flags, which fail when the program never
+    parsed flags (grain#1355, fixed after 0.2.18). Marks only grain's flags as given (their
+    defaults), as grain itself does in its workers, and leaves every other flag alone."""
+    from absl import flags
+    if flags.FLAGS.is_parsed():
+        return
+    for name in list(flags.FLAGS):
+        if name.startswith("grain_") and not flags.FLAGS[name].present:
+            flags.FLAGS[name].present = True
+
+
 def make_train_loader(pairs_by_domain: Mapping[Domain, Sequence[Pair]], cache: VolumeCache,
                       image_size: Sequence[int], batch_size: int, seed: int, pairs_per_domain: int,
                       process_index: int = 0, process_count: int = 1, num_workers: int = 0,
@@ -155,9 +167,7 @@ def make_train_loader(pairs_by_domain: Mapping[Domain, Sequence[Pair]], cache: V
           .batch(batch_size))
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if num_workers > 0:
-        from absl import flags  # grain#1355: mp_prefetch reads an absl flag (fixed after 0.2.18)
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
+        _grain_flags_readable()
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                            per_worker_buffer_size=2))
     return ids

@@ -1,8 +1,10 @@
 """The data side of a training run, from the config: domains, cache, train iterator, eval pairs.
 
-``build_pipeline`` is the one place where ``config.data`` turns into a loader. With
-``config.data.synthetic.enabled`` it first generates the offline synthetic domains (on first use)
-into ``config.data.root``, or into a per-user cache folder when that is empty.
+``prepare_data`` (one process) writes what a run reads: with ``config.data.synthetic.enabled`` it
+generates the offline synthetic domains (on first use) into ``config.data.root``, or into a
+per-user cache folder when that is empty, and it fills the volume cache. ``build_pipeline`` (every
+process) turns ``config.data`` into domains, pairs and a loader. Both take ``config.data`` only;
+coordinating processes is the trainer's job.
 """
 
 from __future__ import annotations
@@ -25,10 +27,21 @@ def synthetic_root(syn) -> str:
                         f"synthetic_s{int(syn.size)}_n{int(syn.subjects)}_seed{int(syn.seed)}")
 
 
-def _barrier(name: str, process_count: int):
-    if process_count > 1:
-        from promptreg_jax.multihost import sync_processes
-        sync_processes(name)
+def resolve_data(data_cfg, generate: bool = True):
+    """``config.data`` with its root resolved: for the synthetic data set, the folder it lives in
+    (``data.root``, else ``synthetic_root``), generated there on first use when ``generate``
+    (the one place that decides where synthetic data is read and written). Returns a copy."""
+    import ml_collections
+    data_cfg = ml_collections.ConfigDict(data_cfg.to_dict()) \
+        if hasattr(data_cfg, "to_dict") else ml_collections.ConfigDict(dict(data_cfg))
+    if data_cfg.synthetic.enabled:
+        root = data_cfg.root or synthetic_root(data_cfg.synthetic)
+        if generate:
+            from promptreg_jax.data import synthetic
+            syn = data_cfg.synthetic
+            synthetic.ensure_synthetic(root, int(syn.size), int(syn.subjects), int(syn.seed))
+        data_cfg.root = root
+    return data_cfg
 
 
 @dataclasses.dataclass
@@ -54,40 +67,45 @@ class Pipeline:
         return self._eval_items
 
 
-def build_pipeline(config, workdir: str | os.PathLike, batch_size: int, process_index: int = 0,
-                   process_count: int = 1, progress: bool = True) -> Pipeline:
-    """Reads ``config.data`` and returns a :class:`Pipeline` for this process.
+def prepare_data(data_cfg, workdir: str | os.PathLike, progress: bool = True):
+    """Everything that writes files, done by one process before the others read: generates the
+    synthetic data set on first use and fills the cache with every pair the run reads. Returns
+    the resolved ``config.data``."""
+    data_cfg = resolve_data(data_cfg, generate=True)
+    domains = domains_from_config(data_cfg)
+    splits = {d: read_pairs(d) for d in domains}
+    n_eval = int(data_cfg.eval_pairs_per_domain)
+    everything = {d: (list(s[0]) if not d.held_out else []) + (list(s[1])[:n_eval] if n_eval > 0
+                                                                else [])
+                  for d, s in splits.items()}
+    cache = VolumeCache(_cache_dir(data_cfg, workdir), norm_mode=data_cfg.norm_mode)
+    cache.build(everything, tuple(int(n) for n in data_cfg.image_size),
+                num_workers=max(int(data_cfg.num_workers), 2), progress=progress)
+    return data_cfg
+
+
+def _cache_dir(data_cfg, workdir) -> str:
+    return data_cfg.cache_dir or str(pathlib.Path(workdir) / "cache")
+
+
+def build_pipeline(data_cfg, workdir: str | os.PathLike, batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> Pipeline:
+    """The :class:`Pipeline` of this process from ``config.data`` (after ``prepare_data`` ran in
+    one process; in a multi-process run the trainer makes the others wait for it).
 
     ``batch_size`` is the per-process batch; each process reads only its slice of every global
-    batch. Process 0 generates data and fills the cache; the others wait for it.
+    batch.
     """
-    data = config.data
-    if data.synthetic.enabled:
-        root = data.root or synthetic_root(data.synthetic)
-        if process_index == 0:
-            from promptreg_jax.data import synthetic
-            synthetic.ensure_synthetic(root, int(data.synthetic.size), int(data.synthetic.subjects),
-                                       int(data.synthetic.seed))
-        _barrier("synthetic", process_count)
-        config = config.copy_and_resolve_references()
-        with config.unlocked():
-            config.data.root = root
-        data = config.data
-    domains = domains_from_config(config)
+    data_cfg = resolve_data(data_cfg, generate=False)
+    domains = domains_from_config(data_cfg)
     splits = {d: read_pairs(d) for d in domains}
     train_pairs = {d: list(s[0]) for d, s in splits.items() if not d.held_out}
-    n_eval = int(data.eval_pairs_per_domain)
+    n_eval = int(data_cfg.eval_pairs_per_domain)
     eval_pairs = {d: list(s[1])[:n_eval] if n_eval > 0 else [] for d, s in splits.items()}
-    image_size = tuple(int(s) for s in data.image_size)
-    cache_dir = data.cache_dir or str(pathlib.Path(workdir) / "cache")
-    cache = VolumeCache(cache_dir, norm_mode=data.norm_mode)
-    if process_index == 0:
-        everything = {d: train_pairs.get(d, []) + eval_pairs[d] for d in domains}
-        cache.build(everything, image_size, num_workers=max(int(data.num_workers), 2),
-                    progress=progress)
-    _barrier("cache", process_count)
-    loader = make_train_loader(train_pairs, cache, image_size, batch_size, int(config.seed),
-                               int(data.pairs_per_domain), process_index=process_index,
-                               process_count=process_count, num_workers=int(data.num_workers),
+    image_size = tuple(int(s) for s in data_cfg.image_size)
+    cache = VolumeCache(_cache_dir(data_cfg, workdir), norm_mode=data_cfg.norm_mode)
+    loader = make_train_loader(train_pairs, cache, image_size, batch_size, int(seed),
+                               int(data_cfg.pairs_per_domain), process_index=process_index,
+                               process_count=process_count, num_workers=int(data_cfg.num_workers),
                                progress=False)
     return Pipeline(domains, train_pairs, eval_pairs, cache, image_size, iter(loader))

@@ -147,6 +147,8 @@ def ensure_synthetic(out_dir: str, size: int = 48, subjects: int = 8, seed: int 
                 return config_entries(out_dir)
     except (OSError, ValueError):
         pass
+    print(f"generating the synthetic data set (size {size}, {subjects} subjects per domain) into "
+          f"{os.path.abspath(out_dir)}", file=sys.stderr, flush=True)
     return generate(out_dir, size, subjects, seed, domains)
 
 
