@@ -76,9 +76,16 @@ def env_line(env: dict) -> str:
             f"jaxlib={env['jaxlib']} flax={env['flax']} numpy={env['numpy']}]")
 
 
+_PEAK_AT_RESET_GIB = 0.0  # the kernel's peak mark when reset_peak_rss() last cleared it
+
+
 def process_peak_rss_gib() -> float:
-    """This process's peak resident set size (``ru_maxrss``, KiB on Linux) in GiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    """This process's peak resident set size in GiB, over its whole life.
+
+    ``ru_maxrss`` alone is not that on Linux: clearing the peak mark (:func:`reset_peak_rss`)
+    lowers it too, so the mark at the last reset is kept and counted here.
+    """
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, _PEAK_AT_RESET_GIB)
 
 
 def peak_memory() -> dict:
@@ -95,7 +102,11 @@ def peak_memory() -> dict:
 
 def reset_peak_rss() -> bool:
     """Resets the kernel's peak-RSS mark (Linux ``clear_refs`` 5), so that a later
-    :func:`run_peak_rss_gib` covers only what runs afterwards (not XLA's compilation)."""
+    :func:`run_peak_rss_gib` covers only what runs afterwards (not XLA's compilation); the
+    process's peak so far is kept for :func:`process_peak_rss_gib`."""
+    global _PEAK_AT_RESET_GIB
+    _PEAK_AT_RESET_GIB = max(_PEAK_AT_RESET_GIB, run_peak_rss_gib() or 0.0,
+                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
