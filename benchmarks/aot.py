@@ -441,13 +441,17 @@ def measure(args) -> dict:
             result["verdict"] = fit_verdict(None, available or capacity, needed_bytes=needed)
             result["error_needed_bytes"] = needed
             result["error_line"] = "RESOURCE_EXHAUSTED at compile"
+            result["flops"], result["bytes_accessed"] = None, None
             try:  # the unoptimised program's cost, as a hint (not the compiled one's)
                 ca = lowered.cost_analysis()
-                result["flops"] = float(ca["flops"]) if ca and "flops" in ca else None
-                result["bytes_accessed"] = None
-                result["cost_source"] = "FLOPs of the unoptimised HLO"
+                if ca and ca.get("flops"):
+                    result["flops"] = float(ca["flops"])
+                    result["cost_source"] = "FLOPs of the unoptimised HLO"
             except Exception:  # noqa: BLE001
-                result["flops"] = None
+                pass
+            if result["flops"] is None:
+                result["cost_source"] = ("no cost analysis when the compile is refused; compile "
+                                         "for a larger chip (e.g. --target tpu:v5p) for it")
             result["roofline"] = roofline(result.get("flops"), None, target, result["dtype"])
             return result
         result["compile_s"] = time.perf_counter() - t0
@@ -483,8 +487,9 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", default="data=1", help="data=N[,space=M] (devices = N*M)")
     p.add_argument("--batch", type=int, default=0, help="global batch (default: data size)")
     p.add_argument("--conv-impl", choices=("auto", "native", "depth_sum"), default=None)
-    p.add_argument("--sampler", choices=("auto", "scatter", "cells", "gather"), default=None,
-                   help="trilinear sampler backward (auto: scatter on cpu, cells on TPU/GPU)")
+    p.add_argument("--sampler", choices=("auto", "scatter", "cells", "gather", "mixed"),
+                   default=None,
+                   help="trilinear sampler form (auto: scatter on cpu, cells on TPU/GPU)")
     p.add_argument("--topology", default=None, help="override, e.g. v5e:2x2 or 1x1x4 (GPU)")
     p.add_argument("--capacity-gib", type=float, default=None, help="override device memory")
     p.add_argument("--gpu-cost", choices=("cpu", "none"), default="cpu")

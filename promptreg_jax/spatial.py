@@ -19,6 +19,7 @@ and then runs in numpy (the data pipeline uses it outside JAX).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence
 
 import jax
@@ -112,36 +113,59 @@ def _cell_table(volume_NxC, shape):
     return jnp.concatenate(slabs, axis=-1).reshape(-1, 8 * C)
 
 
-def _linear_forward_cells(volume_NxC, coords_Px3, shape):
-    """Trilinear samples with one gather of 8-corner rows per point (the cell table)."""
+# Volumes of at most this many channels use channel-first cell tables ``(8 C, cells)`` and gather
+# / scatter along the voxel axis: on TPU a minor dimension of 8 C <= 32 would be padded to 128
+# lanes (a 4-16x larger transient); wider volumes (features) use ``(cells, 8 C)`` rows.
+_NARROW = 4
+
+
+def _corner_values(volume_NxC, flat, shape):
+    """The 8 corner values of each point's cell, ``(P, 8, C)``, by one gather."""
     C = volume_NxC.shape[-1]
+    if C <= _NARROW:
+        table = _cell_table_cf(volume_NxC.T, shape)                       # (8 C, cells)
+        return jnp.moveaxis(jnp.take(table, flat, axis=1).reshape(8, C, -1), -1, 0)
+    return jnp.take(_cell_table(volume_NxC, shape), flat, axis=0).reshape(-1, 8, C)
+
+
+def _linear_forward_cells(volume_NxC, coords_Px3, shape):
+    """Trilinear samples with one gather of 8-corner values per point (the cell table)."""
     flat, w, _ = _cells(coords_Px3, shape)
-    rows = jnp.take(_cell_table(volume_NxC, shape), flat, axis=0).reshape(-1, 8, C)
+    rows = _corner_values(volume_NxC, flat, shape)
     out = jnp.einsum("pk,pkc->pc", w, rows.astype(w.dtype))
     return out.astype(volume_NxC.dtype)
 
 
 def _coords_grad_cells(volume_NxC, coords_Px3, shape, g):
     """d coords: the derivative of the 8 weights times the corner values, one gather."""
-    C = volume_NxC.shape[-1]
     flat, _, dw = _cells(coords_Px3, shape)
-    rows = jnp.take(_cell_table(volume_NxC, shape), flat, axis=0).reshape(-1, 8, C)
+    rows = _corner_values(volume_NxC, flat, shape)
     gv = jnp.einsum("pkc,pc->pk", rows.astype(jnp.float32), g.astype(jnp.float32))
     return jnp.einsum("pk,pkd->pd", gv, dw)
 
 
 def _volume_grad_cells(coords_Px3, shape, g):
     """d volume with ONE scatter-add: each point adds its 8 weighted cotangents, side by side
-    (``(P, 8 C)`` rows), to its base cell; each corner's slab is then shifted onto the grid and
+    (8 C values), to its base cell; each corner's slab is then shifted onto the grid and
     summed. The same sums as 8 corner scatters (exact up to float summation order), with 8x
     fewer scattered indices: what accelerators pay for (TPU sorts the indices of a scatter).
-    On TPU the wider rows cost no memory (minor dimensions are padded to 128 lanes anyway).
     """
     X, Y, Z = shape
     C = g.shape[-1]
+    n_cells = (X + 1) * (Y + 1) * (Z + 1)
     flat, w, _ = _cells(coords_Px3, shape)
+    if C <= _NARROW:  # channel-first: (8 C, cells), scattered along the voxel axis
+        cols = (w.T[:, None, :] * g.T[None, :, :]).reshape(8 * C, -1)
+        cells = jnp.zeros((8 * C, n_cells), g.dtype).at[:, flat].add(cols)
+        cells = cells.reshape(8, C, X + 1, Y + 1, Z + 1)
+        out = 0.0
+        for corner in range(8):
+            b = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
+            slab = jnp.pad(cells[corner], [(0, 0)] + [(bi, 1 - bi) for bi in b])
+            out = out + slab[:, 1:X + 1, 1:Y + 1, 1:Z + 1]
+        return out.reshape(C, -1).T
     rows = (w[:, :, None] * g[:, None, :]).reshape(-1, 8 * C)
-    cells = jnp.zeros(((X + 1) * (Y + 1) * (Z + 1), 8 * C), g.dtype).at[flat].add(rows)
+    cells = jnp.zeros((n_cells, 8 * C), g.dtype).at[flat].add(rows)
     cells = cells.reshape(X + 1, Y + 1, Z + 1, 8, C)
     # Corner b of cell index i (cell i - 1) lands on grid voxel i - 1 + b: padded index i + b.
     # Static pads and slices, no scatter.
@@ -171,16 +195,25 @@ def _volume_grad_adjoint_gather(displacement_Px3, shape, g):
 #              scattered indices: accelerators);
 #   "gather":  on-grid warps get the approximate gather-only volume gradient above; off-grid
 #              samples use "cells". Never chosen by "auto".
-SAMPLERS = ("auto", "scatter", "cells", "gather")
+#   "mixed":   "cells" for volumes of at most 4 channels (fields, images), "scatter" for wider
+#              ones (features: the cell table and its scatter are one more feature-sized buffer).
+SAMPLERS = ("auto", "scatter", "cells", "gather", "mixed")
 _SAMPLER_OVERRIDE: list[str] = []
 
 
 def resolve_sampler(sampler: str = "auto", platform: str | None = None) -> str:
     """``"auto"`` -> ``"scatter"`` for the CPU, ``"cells"`` for TPU/GPU; the platform is the
-    one being traced for (``conv.current_platform``), so compile-only runs get the target's."""
+    one being traced for (``conv.current_platform``), so compile-only runs get the target's.
+
+    ``"auto"`` can be redirected by :class:`use_sampler` or, for a whole run (the trainer), by
+    ``$PROMPTREG_SAMPLER`` (e.g. ``mixed``: 1.3 GiB less than ``cells`` at the 160^3 bfloat16
+    remat step on TPU v5e, measured with ``benchmarks/aot.py``).
+    """
     from promptreg_jax.conv import current_platform
     if sampler == "auto" and _SAMPLER_OVERRIDE:
         sampler = _SAMPLER_OVERRIDE[-1]
+    if sampler == "auto" and os.environ.get("PROMPTREG_SAMPLER"):
+        sampler = os.environ["PROMPTREG_SAMPLER"]
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if sampler == "auto":
@@ -203,6 +236,16 @@ class use_sampler:
 
     def __exit__(self, *exc):
         _SAMPLER_OVERRIDE.pop()
+
+
+def _form_for(form: str, channels: int) -> str:
+    """A resolved sampler form for a volume of ``channels`` channels."""
+    if form == "mixed":
+        return "cells" if channels <= _MIXED_MAX_CHANNELS else "scatter"
+    return form
+
+
+_MIXED_MAX_CHANNELS = 4
 
 
 def _grid_coords(flow_Px3, shape):
@@ -329,7 +372,7 @@ def sample(volume, coords, order: int = 1):
     shape = tuple(volume.shape[1:4])
     out_shape = coords.shape[1:-1]
     if order == 1:
-        form = resolve_sampler()
+        form = _form_for(resolve_sampler(), volume.shape[-1])
         fn = lambda vol, pts, shape: _sample_linear(vol, pts, shape, False, form)
     else:
         fn = _sample_nearest
@@ -356,7 +399,7 @@ def warp(image, flow, order: int = 1):
                          f"{image.shape}")
     if order == 1:
         shape = tuple(image.shape[1:4])
-        form = resolve_sampler()
+        form = _form_for(resolve_sampler(), image.shape[-1])
         warp_fn = lambda vol, disp, shape: _sample_linear(vol, disp, shape, True, form)
         return _per_sample(warp_fn, image, flow.astype(jnp.float32), shape, shape)
     return sample(image, identity_grid(flow.shape[1:4], flow.dtype)[None] + flow, order)
@@ -370,7 +413,7 @@ def compose(u, w):
 def integrate(velocity, steps: int = 7):
     """Scaling and squaring: ``v / 2**steps``, then ``steps`` times ``u <- u + u(x + u)``."""
     u = velocity / (2.0 ** steps)
-    form = resolve_sampler()
+    form = _form_for(resolve_sampler(), 3)
     if form == "scatter":
         # A loop, not unrolled Python: XLA compiles one squaring body (about 5x faster to compile
         # for 7 steps with gradients; the same numbers).

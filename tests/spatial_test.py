@@ -210,6 +210,22 @@ def test_sampler_resolves_per_target_platform():
         W.resolve_sampler("fft")
 
 
+def test_sampler_environment_override(monkeypatch):
+    monkeypatch.setenv("PROMPTREG_SAMPLER", "mixed")
+    assert W.resolve_sampler("auto", platform="tpu") == "mixed"
+    assert W.resolve_sampler("scatter", platform="tpu") == "scatter"  # explicit wins
+    assert W._form_for("mixed", 3) == "cells" and W._form_for("mixed", 16) == "scatter"
+
+
+def test_mixed_form_equals_scatter_form():
+    img, flow = _rand((1, 6, 5, 7, 8), 20), _rand((1, 6, 5, 7, 3), 21, 2.0)
+    fn = lambda a, b: jnp.sum(W.warp(a, b) ** 2) + jnp.sum(W.integrate(b, 3) ** 2)
+    (v0, g0), (v1, g1) = (_grads(fn, (img, flow), s, (0, 1)) for s in ("scatter", "mixed"))
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
 @pytest.mark.parametrize("shape,channels", [((9, 8, 7), 3), ((6, 10, 5), 16)])
 def test_cells_form_equals_scatter_form(shape, channels):
     """Values and both gradients of warp, off-grid sample and compose: equal to float round-off
