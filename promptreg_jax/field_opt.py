@@ -89,7 +89,8 @@ import numpy as np
 import optax
 
 from promptreg_jax import losses
-from promptreg_jax.instance_opt import one_hot, soft_dice_loss
+from promptreg_jax.instance_opt import one_hot
+from promptreg_jax.losses import soft_dice_loss
 from promptreg_jax.spatial import compose, integrate, resample_flow, resize, warp
 
 # Adam's epsilon, on the loss times the number of field voxels. Where the images agree the

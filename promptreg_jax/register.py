@@ -3,7 +3,9 @@
     python -m promptreg_jax.register --fixed F.nii.gz --moving M.nii.gz (--workdir RUN | --checkpoint PATH)
         --out DIR [--moving-label L] [--fixed-label L] [--fixed-modality ct|mr]
         [--moving-modality ct|mr] [--fixed-frame N] [--moving-frame N]
-        [--io-steps N] [--io-lr 1e-5] [--io-smooth W] [--io-dice W] [--no-qc] [--quiet]
+        [--io-steps N] [--io-lr 1e-5] [--io-smooth W] [--io-dice W] [--no-field-io]
+        [--field-io-smooth W] [--field-io-max-voxels N] [--no-guard] [--no-qc] [--quiet]
+        [--overwrite] [--allow-older-checkpoint]
     python -m promptreg_jax.register --pairs pairs.csv (--workdir RUN | --checkpoint PATH) --out DIR
 
 ``pairs.csv`` has columns ``fixed, moving`` and optionally ``fixed_label, moving_label,
@@ -114,6 +116,16 @@ def _parser():
                    help="IO smoothness weight (default: the training config's loss.smooth)")
     p.add_argument("--io-dice", type=float, default=1.0,
                    help="IO soft Dice weight (used with both labels)")
+    p.add_argument("--no-field-io", action="store_true",
+                   help="skip the dense-field instance optimisation on the fixed grid (on by "
+                        "default: promptreg_jax.field_opt)")
+    p.add_argument("--field-io-smooth", type=float, default=None,
+                   help="field IO diffusion weight (default: field_opt.DEFAULTS)")
+    p.add_argument("--field-io-max-voxels", type=int, default=None,
+                   help="field IO works on the fixed grid scaled down to at most this many voxels")
+    p.add_argument("--no-guard", action="store_true",
+                   help="hand back the registration even where its MIND distance to the fixed "
+                        "image is worse than no registration's")
     p.add_argument("--no-qc", action="store_true", help="skip the QC PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -138,6 +150,19 @@ def pairs_from_args(args) -> list[PairSpec]:
                      args.moving_frame)]
 
 
+def field_io_options(args) -> dict:
+    out = {}
+    if args.field_io_smooth is not None:
+        if not args.field_io_smooth >= 0:
+            raise ValueError(f"--field-io-smooth {args.field_io_smooth} must be >= 0")
+        out["smooth"] = args.field_io_smooth
+    if args.field_io_max_voxels is not None:
+        if args.field_io_max_voxels < 8 ** 3:
+            raise ValueError(f"--field-io-max-voxels {args.field_io_max_voxels} is below 512")
+        out["max_voxels"] = args.field_io_max_voxels
+    return out
+
+
 def run(args) -> list[dict]:
     from promptreg_jax import model as model_lib
     if not args.workdir and not args.checkpoint:
@@ -152,7 +177,9 @@ def run(args) -> list[dict]:
     print(f"model: checkpoint step {step} of {source}", flush=True)
     registrar = Registrar(model, params, meta, io_steps=args.io_steps, io_lr=args.io_lr,
                           io_weights={"smooth": args.io_smooth, "dice": args.io_dice},
-                          qc=not args.no_qc, step=step, checkpoint=str(source))
+                          qc=not args.no_qc, step=step, checkpoint=str(source),
+                          field_io=not args.no_field_io, field_io_options=field_io_options(args),
+                          guard=not args.no_guard)
     rows = register_pairs(registrar, pairs, args.out, progress=not args.quiet,
                           overwrite=args.overwrite)
     print(f"wrote {len(rows)} registration(s) into {args.out} ({SUMMARY} lists them)")

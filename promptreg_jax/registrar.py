@@ -27,9 +27,10 @@ import numpy as np
 
 from promptreg_jax import evaluate_lib, metrics
 from promptreg_jax.data.errors import DataError
+from promptreg_jax.memory import release_freed_heap
 from promptreg_jax.data.pair_list import PairSpec, check_pairs, guess_modality
 from promptreg_jax.nifti_io import field_outputs, from_canonical, save_like, save_world_displacement
-from promptreg_jax.spatial import identity_grid, resample_flow
+from promptreg_jax.spatial import identity_grid, sample
 
 SUMMARY = "registration.csv"
 OUTPUT_PATTERNS = ("warped_*.nii.gz", "warped_label_*.nii.gz", "disp_*.nii.gz",
@@ -70,9 +71,12 @@ class Registrar:
 
     def __init__(self, model, params, meta: dict, io_steps: int = 0, io_lr: float = 1e-5,
                  io_weights: dict | None = None, qc: bool = True, step: int | None = None,
-                 checkpoint: str = ""):
+                 checkpoint: str = "", field_io: bool = False, field_io_options: dict | None = None,
+                 guard: bool = True):
         self.model, self.params, self.meta = model, params, meta
         self.step, self.checkpoint = step, checkpoint
+        self.field_io, self.field_io_options = bool(field_io), dict(field_io_options or {})
+        self.guard = bool(guard)
         config = meta.get("config") or {}
         data = config.get("data", {})
         self.image_size = tuple(int(s) for s in
@@ -102,6 +106,7 @@ class Registrar:
         if not self._compiled:
             x = np.zeros((1, *self.image_size, 1), np.float32)
             jax.block_until_ready(self.predict(self.params, x, x))
+            release_freed_heap()  # the compiler's freed heap back to the OS
             self._compiled = True
 
     # -- preprocessing (as in training) --------------------------------------------------------
@@ -144,12 +149,17 @@ class Registrar:
                                        m_lab_net if both else None, f_lab_net if both else None)
         flow, weights = self.predict(params, m_net, f_net)
         flow, weights = (np.asarray(a) for a in jax.device_get((flow, weights)))
-        runtime = time.perf_counter() - t0
 
         # Canonical grids: fixed voxel y <-> moving voxel y + d(y).
         fshape, mshape = fixed.data.shape, moving.data.shape
         d = evaluate_lib.fixed_grid_displacement(flow[0], fshape, mshape)
-        coords = np.asarray(identity_grid(fshape)) + d
+        identity = np.asarray(identity_grid(fshape))
+        coords = identity + d
+        box = identity + evaluate_lib.fixed_grid_displacement(  # no registration
+            np.zeros((*self.image_size, 3), np.float32), fshape, mshape)
+        refined = self._refine(coords, identity, box, fixed, fmod, moving, mmod, f_lab, m_lab)
+        coords, similarity = refined["coords"], refined["similarity"]
+        runtime = time.perf_counter() - t0
         warped = evaluate_lib.sample_at(moving.data, coords, order=1)
         warped_label = None if m_lab is None else evaluate_lib.sample_at(m_lab.data, coords, 0)
         fields = field_outputs(coords, fixed, moving)
@@ -157,7 +167,8 @@ class Registrar:
 
         row = {"name": name, "fixed": pair.fixed, "moving": pair.moving,
                "fixed_modality": fmod, "moving_modality": mmod, "runtime_s": runtime,
-               "io_steps": self.io_steps, "checkpoint_step": self.step,
+               "io_steps": self.io_steps, "field_io": self.field_io,
+               "checkpoint_step": self.step, **similarity,
                "neg_jacobian_pct": 100.0 * float(np.mean(fields.jacdet <= 0)),
                "sdlogj": metrics.sdlogj_of_determinant(fields.jacdet)}
         if warped_label is not None and f_lab is not None:
@@ -172,13 +183,50 @@ class Registrar:
         if self.qc:
             from promptreg_jax.qc import qc_figure
             files["qc"] = out_dir / f"qc_{name}.png"
-            grid_disp = np.asarray(resample_flow(flow, fshape))[0]
+            # The final map's displacement in fixed voxels (the moving extent scaled onto the
+            # fixed grid, as the box map does), whose in-plane part bends the drawn grid.
+            scale = (np.asarray(fshape) - 1) / np.maximum(np.asarray(mshape) - 1, 1)
+            grid_disp = ((coords - box) * scale).astype(np.float32)
             qc_figure(files["qc"], fixed.data, moving.data, warped, grid_disp,
                       fixed.spacing, moving.spacing, warped_label=warped_label,
                       fixed_label=None if f_lab is None else f_lab.data,
                       title=f"{_stem(pair.fixed)} <- {_stem(pair.moving)}")
         row["files"] = {k: str(v) for k, v in files.items()}
         return row
+
+    def _refine(self, coords, identity, box, fixed, fmod, moving, mmod, f_lab, m_lab) -> dict:
+        """Field instance optimisation on the fixed grid (``field_io``) and the do-no-harm guard.
+
+        The moving image, normalised as in training, is pulled through the network's map onto the
+        fixed grid; ``field_opt.optimize_field`` finds a refinement ``w`` there (MIND-SSC +
+        diffusion, + soft Dice with both labels), and the map becomes ``y + w + d(y + w)``. The
+        guard then compares the MIND distance to the fixed image after registration with that of
+        no registration (each image's box onto the other) and hands back the latter when the
+        registration made it worse. Returns the coordinates and ``mind_before``/``mind_after``.
+        """
+        from promptreg_jax import field_opt
+        from promptreg_jax.data.preprocess import normalize
+        if not (self.field_io or self.guard):
+            return {"coords": coords, "similarity": {}}
+        fix_n = normalize(fixed.data, fmod, self.norm_mode)
+        mov_n = normalize(moving.data, mmod, self.norm_mode)
+        if self.field_io:
+            both = f_lab is not None and m_lab is not None
+            m0 = evaluate_lib.sample_at(mov_n, coords, order=1)
+            lab0 = evaluate_lib.sample_at(m_lab.data, coords, order=0) if both else None
+            w = np.asarray(field_opt.optimize_field(
+                m0, fix_n, moving_label=lab0, fixed_label=f_lab.data if both else None,
+                **self.field_io_options))[0]
+            d = coords - identity
+            d_at = np.asarray(sample(d[None], (identity + w)[None], order=1))[0]
+            coords = identity + w + d_at
+        after = field_opt.mind_similarity(evaluate_lib.sample_at(mov_n, coords, 1), fix_n)
+        before = field_opt.mind_similarity(evaluate_lib.sample_at(mov_n, box, 1), fix_n)
+        similarity = {"mind_before": before, "mind_after": after, "guard": ""}
+        if self.guard and after > before:
+            coords = box
+            similarity.update(mind_after=before, guard="no registration (MIND worse)")
+        return {"coords": coords, "similarity": similarity}
 
     def _write(self, out_dir, name, pair, fixed, warped, warped_label, fields) -> dict:
         import nibabel as nib
@@ -282,6 +330,10 @@ def register_pairs(registrar: Registrar, pairs: Sequence[PairSpec], out_dir,
         msg = f"{name}: {describe_weights(row)}"
         if "dice" in row:
             msg += f"; Dice {row['dice_before']:.3f} -> {row['dice']:.3f}"
+        if "mind_after" in row:
+            msg += f"; MIND {row['mind_before']:.4f} -> {row['mind_after']:.4f}"
+            if row["guard"]:
+                msg += f" (kept {row['guard']})"
         msg += f"; {row['neg_jacobian_pct']:.3f}% |J|<=0; {row['runtime_s']:.2f} s"
         say(msg)
         if row["neg_jacobian_pct"] > FOLDING_WARN_PCT:
@@ -296,8 +348,9 @@ def register_pairs(registrar: Registrar, pairs: Sequence[PairSpec], out_dir,
 
 
 SUMMARY_FIELDS = ("name", "fixed", "moving", "fixed_modality", "moving_modality",
-                  "checkpoint_step", "io_steps", "runtime_s", "dice_before", "dice",
-                  "neg_jacobian_pct", "sdlogj", "closest_domain", "error")
+                  "checkpoint_step", "io_steps", "field_io", "runtime_s", "dice_before", "dice",
+                  "mind_before", "mind_after", "guard", "neg_jacobian_pct", "sdlogj",
+                  "closest_domain", "error")
 
 
 def write_summary(path, rows: list[dict], domains: list[str]) -> None:

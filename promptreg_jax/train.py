@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from promptreg_jax import checkpoint as ckpt_lib
 from promptreg_jax.cli import Interrupted, run_cli
+from promptreg_jax.memory import release_freed_heap
 from promptreg_jax import evaluate_lib, losses, optim
 from promptreg_jax import data as data_lib
 from promptreg_jax.model import build_model, model_settings
@@ -286,6 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           f"rerun the same command to resume")
             batch = to_global(next(data.train_iter))
             state, metrics = train_step(state, batch)
+            if step == start:  # compiled by now: return the compiler's freed heap to the OS
+                release_freed_heap()
             step += 1
             metrics = jax.device_get(metrics)
             if not all(np.isfinite(float(v)) for v in metrics.values()):

@@ -33,13 +33,24 @@ if sigterm and int(pid) == 1:
     import signal
     real = train.make_train_fns
 
+    class Preempted:
+        """The jitted step (or its compiled form, which the multi-process trainer uses), sending
+        SIGTERM to this process each time it runs."""
+
+        def __init__(self, fn):
+            self.fn = fn
+
+        def lower(self, *args):
+            lowered = self.fn.lower(*args)
+            return type("Lowered", (), {"compile": lambda _: Preempted(lowered.compile())})()
+
+        def __call__(self, state, batch):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step runs
+            return self.fn(state, batch)
+
     def preempted(*a, **kw):
         init, step_fn, abstract, sharding = real(*a, **kw)
-
-        def step(state, batch):
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step runs
-            return step_fn(state, batch)
-        return init, step, abstract, sharding
+        return init, Preempted(step_fn), abstract, sharding
 
     train.make_train_fns = preempted
 

@@ -195,7 +195,7 @@ def test_instance_optimisation_lowers_the_loss_and_never_changes_the_params(
     assert all(r["io_steps"] == "2" for r in rows)
     first, last = (nib.load(out / f"disp_{r['name']}.nii.gz").get_fdata() for r in (rows[0], rows[2]))
     np.testing.assert_array_equal(first, last)
-    plain = register.Registrar(model, params, meta, qc=False).register(
+    plain = register.Registrar(model, params, meta, qc=False, guard=False).register(
         register.PairSpec(b("brain_000"), b("brain_001")), tmp_path / "plain", "p")
     assert not np.array_equal(nib.load(plain["files"]["disp"]).get_fdata(), first)
 
@@ -362,7 +362,7 @@ def test_a_folding_field_is_warned_about(run, loaded, tmp_path, capsys):
     """A field that folds (du_x/dx = -1.5, so J < 0) gets a warning line; a smooth one none."""
     _, data = run
     model, params, meta, _ = loaded
-    registrar = register.Registrar(model, params, meta, qc=False, step=2)
+    registrar = register.Registrar(model, params, meta, qc=False, step=2, guard=False)
     size = registrar.image_size
     x = np.arange(size[0], dtype=np.float32)[:, None, None]
     folding = np.zeros((1, *size, 3), np.float32)
@@ -389,3 +389,22 @@ def test_qc_figure_with_a_cjk_file_name_warns_nothing(tmp_path):
                   (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), title="脑部扫描_000 <- 脑部扫描_001")
     assert (tmp_path / "qc.png").stat().st_size > 1000
     assert not [w for w in caught if "lyph" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_guard_hands_back_no_registration_when_mind_gets_worse(run, loaded, tmp_path):
+    """A harmful field (a large shift) is replaced by no registration; MIND before/after are
+    recorded, and after <= before always."""
+    _, data = run
+    model, params, meta, _ = loaded
+    registrar = register.Registrar(model, params, meta, qc=False, step=2, guard=True)
+    size = registrar.image_size
+    shift = np.zeros((1, *size, 3), np.float32)
+    shift[..., 0] = size[0] / 3  # a third of the volume: far worse than no registration
+    weights = np.full((1, len(registrar.domains)), 1.0 / len(registrar.domains), np.float32)
+    registrar.predict = lambda p, m, f: (shift, weights)
+    pair = register.PairSpec(_img(data, "Brain", "brain_000"), _img(data, "Brain", "brain_001"))
+    (row,) = registrar_mod.register_pairs(registrar, [pair], tmp_path / "o", progress=False,
+                                          echo=lambda *_: None)
+    assert row["guard"] and row["mind_after"] == row["mind_before"]
+    disp = nib.load(row["files"]["disp"]).get_fdata()
+    assert np.abs(disp).max() < 1.5  # the box map of two same-size images: (near) identity
