@@ -10,6 +10,7 @@ import pytest
 
 from conftest import channels_last, load_fixture
 # The package re-exports the function `warp`, so fetch the module itself.
+from promptreg_jax import sampling
 from promptreg_jax import spatial as W
 
 TOL = 2e-5  # float32 round-off on values of order 1-5
@@ -296,7 +297,7 @@ def test_gather_form_is_exact_for_translations_and_close_for_smooth_small_fields
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 def test_self_warp_gather_layouts_agree(layout, monkeypatch):
-    monkeypatch.setattr(W, "_SELF_WARP_LAYOUT", [layout])
+    monkeypatch.setattr(sampling, "_SELF_WARP_LAYOUT", [layout])
     v = _rand((1, 7, 6, 5, 3), 12, 3.0)
     r = _rand((1, 7, 6, 5, 3), 13)
     fn = lambda v: jnp.sum(W.integrate(v, 3) * r)
