@@ -173,8 +173,7 @@ class Registrar:
                "sdlogj": metrics.sdlogj_of_determinant(fields.jacdet)}
         if warped_label is not None and f_lab is not None:
             # Before registration: the network's identity, i.e. each image's box onto the other.
-            before, _ = evaluate_lib.warp_labels_to_fixed(np.zeros_like(flow[0]), m_lab.data,
-                                                          fshape)
+            before = evaluate_lib.sample_at(m_lab.data, box, order=0)
             row["dice_before"] = evaluate_lib.nanmean(metrics.dice(f_lab.data, before))
             row["dice"] = evaluate_lib.nanmean(metrics.dice(f_lab.data, warped_label))
         w = weights[0] if weights.ndim == 2 else weights

@@ -186,25 +186,27 @@ def test_corrupted_latest_checkpoints_fall_back(reference, tmp_path, caplog):
     _assert_same(params, expected)
 
 
+def _on_third_step(make_train_fns, hook):
+    """``make_train_fns`` whose step passes the third batch through ``hook`` first."""
+    def wrapped(*a, **kw):
+        init, step_fn, abstract, sharding = make_train_fns(*a, **kw)
+        calls = [0]
+
+        def step(state, batch):
+            calls[0] += 1
+            return step_fn(state, hook(batch) if calls[0] == 3 else batch)
+        return init, step, abstract, sharding
+    return wrapped
+
+
 def test_non_finite_loss_stops_and_resumes(reference, tmp_path, monkeypatch):
     """A NaN batch at step 3 (the compiled step itself unchanged): the run stops naming the step
     and the last good checkpoint; rerunning resumes from it and ends like an uninterrupted run."""
     root, expected = reference
     workdir = tmp_path / "run"
     real = train.make_train_fns
-
-    def poisoned(*a, **kw):
-        init, step_fn, abstract, sharding = real(*a, **kw)
-        calls = [0]
-
-        def step(state, batch):
-            calls[0] += 1
-            if calls[0] == 3:
-                batch = dict(batch, moving=batch["moving"] * np.float32(np.nan))
-            return step_fn(state, batch)
-        return init, step, abstract, sharding
-
-    monkeypatch.setattr(train, "make_train_fns", poisoned)
+    monkeypatch.setattr(train, "make_train_fns", _on_third_step(
+        real, lambda batch: dict(batch, moving=batch["moving"] * np.float32(np.nan))))
     with pytest.raises(train.TrainingError) as e:
         train.train_and_evaluate(tiny_config(root, checkpoint_every_steps=1), workdir)
     msg = str(e.value)
@@ -226,18 +228,11 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identical(referenc
     workdir = tmp_path / "run"
     real = train.make_train_fns
 
-    def preempted(*a, **kw):
-        init, step_fn, abstract, sharding = real(*a, **kw)
-        calls = [0]
+    def sigterm(batch):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled between steps, not fatal
+        return batch
 
-        def step(state, batch):
-            calls[0] += 1
-            if calls[0] == 3:
-                os.kill(os.getpid(), signal.SIGTERM)  # handled between steps, not fatal
-            return step_fn(state, batch)
-        return init, step, abstract, sharding
-
-    monkeypatch.setattr(train, "make_train_fns", preempted)
+    monkeypatch.setattr(train, "make_train_fns", _on_third_step(real, sigterm))
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(train.Interrupted) as e:
         train.train_and_evaluate(tiny_config(root, checkpoint_every_steps=100), workdir)

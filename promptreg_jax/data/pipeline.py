@@ -72,16 +72,22 @@ def prepare_data(data_cfg, workdir: str | os.PathLike, progress: bool = True):
     synthetic data set on first use and fills the cache with every pair the run reads. Returns
     the resolved ``config.data``."""
     data_cfg = resolve_data(data_cfg, generate=True)
-    domains = domains_from_config(data_cfg)
-    splits = {d: read_pairs(d) for d in domains}
-    n_eval = int(data_cfg.eval_pairs_per_domain)
-    everything = {d: (list(s[0]) if not d.held_out else []) + (list(s[1])[:n_eval] if n_eval > 0
-                                                                else [])
-                  for d, s in splits.items()}
+    domains, train_pairs, eval_pairs = _pairs(data_cfg)
+    everything = {d: train_pairs.get(d, []) + eval_pairs[d] for d in domains}
     cache = VolumeCache(_cache_dir(data_cfg, workdir), norm_mode=data_cfg.norm_mode)
     cache.build(everything, tuple(int(n) for n in data_cfg.image_size),
                 num_workers=max(int(data_cfg.num_workers), 2), progress=progress)
     return data_cfg
+
+
+def _pairs(data_cfg):
+    """``(domains, train pairs of the training domains, eval pairs of every domain)``."""
+    domains = domains_from_config(data_cfg)
+    splits = {d: read_pairs(d) for d in domains}
+    train_pairs = {d: list(s[0]) for d, s in splits.items() if not d.held_out}
+    n_eval = int(data_cfg.eval_pairs_per_domain)
+    eval_pairs = {d: list(s[1])[:n_eval] if n_eval > 0 else [] for d, s in splits.items()}
+    return domains, train_pairs, eval_pairs
 
 
 def _cache_dir(data_cfg, workdir) -> str:
@@ -97,11 +103,7 @@ def build_pipeline(data_cfg, workdir: str | os.PathLike, batch_size: int, seed: 
     batch.
     """
     data_cfg = resolve_data(data_cfg, generate=False)
-    domains = domains_from_config(data_cfg)
-    splits = {d: read_pairs(d) for d in domains}
-    train_pairs = {d: list(s[0]) for d, s in splits.items() if not d.held_out}
-    n_eval = int(data_cfg.eval_pairs_per_domain)
-    eval_pairs = {d: list(s[1])[:n_eval] if n_eval > 0 else [] for d, s in splits.items()}
+    domains, train_pairs, eval_pairs = _pairs(data_cfg)
     image_size = tuple(int(s) for s in data_cfg.image_size)
     cache = VolumeCache(_cache_dir(data_cfg, workdir), norm_mode=data_cfg.norm_mode)
     loader = make_train_loader(train_pairs, cache, image_size, batch_size, int(seed),
