@@ -3,13 +3,16 @@
     python benchmarks/aot.py --target tpu:v5e --size 160 --what train
     python benchmarks/aot.py --target gpu:a100-40 --size 160 --what infer --dtype bfloat16
     python benchmarks/aot.py --target tpu:v5e --mesh data=4 --what train --remat
+    python benchmarks/aot.py --target tpu:v5e --mesh data=2,space=2 --size 160 --what train
     python benchmarks/aot.py --list
 
 No accelerator is needed: the program is compiled for compile-only devices
 (``jax.experimental.topologies.get_topology_desc``) on this host. It is the trainer's program:
-``make_train_fns`` from ``promptreg_jax.train`` (state donated, batch sharded along ``data``),
-the model built from the config's model settings; ``--what infer`` compiles the shared inference
-program (``evaluate_lib.predict_fn``). Platform-dependent forms (``conv_impl="auto"``, the
+``make_train_fns`` from ``promptreg_jax.train`` (state donated, batch sharded as the trainer's
+``(data, space)`` mesh shards it: ``--mesh data=D,space=S`` splits the batch over D and each
+volume's X axis over S devices, ``promptreg_jax.sharding``), the model built from the config's
+model settings; ``--what infer`` compiles the shared inference program
+(``evaluate_lib.predict_fn``) on the same mesh. Platform-dependent forms (``conv_impl="auto"``, the
 trilinear sampler's backward) are chosen for the *target* (``conv.target_platform``), not for
 this CPU host.
 
@@ -79,6 +82,8 @@ class Target:
 # | gpu:a100-80 | 80 GiB     | 312 TFLOP/s  | 156 (TF32)      | 2039 GB/s  |
 # | gpu:h100    | 80 GiB     | 989 TFLOP/s  | 495 (TF32)      | 3352 GB/s  |
 # | gpu:h200    | 141 GB     | 989 TFLOP/s  | 495 (TF32)      | 4800 GB/s  |
+# | gpu:t4      | 15,360 MiB | 65 TFLOP/s   | 8.1 (no TF32)   | 320 GB/s   |
+# | gpu:a4000   | 16 GB      | 76.7 TFLOP/s | 19.2 (FP32)     | 448 GB/s   |
 # | cpu         | host RAM   | 0.2 TFLOP/s  | 0.2 (nominal)   | 20 GB/s    |
 #
 # float32 "as run": JAX's default precision runs float32 matmuls/convs as one bf16 pass on TPU
@@ -105,6 +110,10 @@ TARGETS = {t.name: t for t in [
            target_config="gpu_h100.txtpb", source="nvidia.com H100 datasheet"),
     Target("gpu:h200", "gpu", "NVIDIA H200 SXM 141GB", 141e9, 989e12, 495e12, 4800e9,
            target_config="gpu_h200.txtpb", source="nvidia.com H200 datasheet"),
+    Target("gpu:t4", "gpu", "NVIDIA T4 16GB", 15360 * 2 ** 20, 65e12, 8.1e12, 320e9,
+           target_config="gpu_t4.txtpb", source="nvidia.com T4 datasheet"),
+    Target("gpu:a4000", "gpu", "NVIDIA RTX A4000 16GB", 16 * 10 ** 9, 76.7e12, 19.2e12, 448e9,
+           target_config="gpu_a4000.txtpb", source="nvidia.com RTX A4000 datasheet"),
     Target("cpu", "cpu", "this host (XLA:CPU; nominal peaks, for testing)", 0, 0.2e12, 0.2e12,
            20e9, source="nominal"),
 ]}
@@ -194,6 +203,16 @@ def parse_resource_exhausted(message: str) -> tuple[float | None, float | None]:
     return needed, available
 
 
+def _remat_setting(remat):
+    from promptreg_jax.model import remat_setting
+    return remat_setting(remat)
+
+
+def _remat_word(remat) -> str:
+    """``False`` -> off, ``True`` -> on (levels), ``"blocks"`` -> blocks."""
+    return {False: "off", True: "on"}.get(remat, str(remat))
+
+
 def fmt_bytes(b, unit="GiB"):
     if b is None:
         return "n/a"
@@ -209,7 +228,7 @@ def format_report(r: dict) -> str:
         + (f", topology {r['topology']}" if r.get("topology") else "")
         + f", mesh {r['mesh']}",
         f"program     {r['what']} at {'x'.join(map(str, r['size']))}, global batch {r['batch']}, "
-        f"{r['dtype']}, remat {'on' if r['remat'] else 'off'}, conv {r['conv_impl']}, "
+        f"{r['dtype']}, remat {_remat_word(r['remat'])}, conv {r['conv_impl']}, "
         f"sampler {r['sampler']}, config {r['config']}",
     ]
     v = r["verdict"]
@@ -247,7 +266,7 @@ def format_report(r: dict) -> str:
     need = fmt_bytes(v["needed"])
     lines.append(("verdict: fits" if v["fits"] else "verdict: does not fit")
                  + f" ({r['what']}, {'x'.join(map(str, r['size']))}, {r['dtype']}, "
-                 f"remat {'on' if r['remat'] else 'off'}: {need} per device, "
+                 f"remat {_remat_word(r['remat'])}: {need} per device, "
                  f"{fmt_bytes(v['capacity'])} available on {t.name})")
     return "\n".join(lines)
 
@@ -312,7 +331,7 @@ def build_program(config, what: str, mesh, batch: int):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from promptreg_jax import evaluate_lib, optim
+    from promptreg_jax import evaluate_lib, optim, sharding
     from promptreg_jax.train import make_train_fns
     model_settings, build_model = _model_helpers()
 
@@ -322,11 +341,8 @@ def build_program(config, what: str, mesh, batch: int):
     model = build_model(settings)
     size = tuple(int(s) for s in config.data.image_size)
     shape = (1, *size, 1)
-    axes = tuple(mesh.axis_names)
-    batch_spec = P("data", "space") if "space" in axes and mesh.shape["space"] > 1 else P("data")
-    data_sharding = NamedSharding(mesh, batch_spec)
-    task_sharding = NamedSharding(mesh, P("data"))
-    vol = jax.ShapeDtypeStruct((batch, *size, 1), jnp.float32, sharding=data_sharding)
+    batch_sharding = sharding.batch_shardings(mesh)  # the trainer's: P("data", "space") volumes
+    vol = jax.ShapeDtypeStruct((batch, *size, 1), jnp.float32, sharding=batch_sharding["moving"])
     if what == "infer":
         repl = NamedSharding(mesh, P())
         params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape),
@@ -347,7 +363,8 @@ def build_program(config, what: str, mesh, batch: int):
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, state_sharding)
     batch_args = {"moving": vol, "fixed": vol,
-                  "task_id": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=task_sharding)}
+                  "task_id": jax.ShapeDtypeStruct((batch,), jnp.int32,
+                                                  sharding=batch_sharding["task_id"])}
     return train_step, (state, batch_args)
 
 
@@ -378,9 +395,7 @@ def _memory(compiled, platform: str):
 def measure(args) -> dict:
     """Compiles the program for the target and returns every figure of the report."""
     import jax
-    import numpy as np
-    from jax.sharding import Mesh
-    from promptreg_jax import conv, spatial
+    from promptreg_jax import conv, sharding, spatial
 
     target = TARGETS[args.target]
     mesh_axes = parse_mesh(args.mesh)
@@ -399,15 +414,11 @@ def measure(args) -> dict:
     batch = args.batch or mesh_axes["data"]
     if batch % mesh_axes["data"]:
         raise AotError(f"--batch {batch} must be a multiple of data={mesh_axes['data']}")
-    if mesh_axes["space"] > 1:
-        import inspect
-        from promptreg_jax import train
-        if "space" not in inspect.getsource(train):
-            raise AotError("--mesh space=M: this promptreg_jax.train has no 'space' mesh axis yet")
-        names, shape = ("data", "space"), (mesh_axes["data"], mesh_axes["space"])
-    else:
-        names, shape = ("data",), (mesh_axes["data"],)
-    mesh = Mesh(np.asarray(devices).reshape(shape), names)
+    try:  # the trainer's checks: X a multiple of 8 x space, the batch of data
+        sharding.check_mesh(mesh_axes, size, batch, args.mesh)
+    except sharding.MeshError as e:
+        raise AotError(str(e).replace("config.train.mesh=", "--mesh ")) from None
+    mesh = sharding.make_mesh(mesh_axes, devices)  # the trainer's (data, space) mesh
 
     platform = target.platform
     sampler = args.sampler or "auto"
@@ -416,11 +427,14 @@ def measure(args) -> dict:
         sampler_resolved = spatial.resolve_sampler()
         fn, fn_args = build_program(config, args.what, mesh, batch)
         t0 = time.perf_counter()
-        lowered = fn.lower(*fn_args)
+        with sharding.spatial_mesh(mesh):  # feature maps split along X when space > 1
+            lowered = fn.lower(*fn_args)
         result = dict(target=target.name, devices=n, topology=topology,
                       mesh=",".join(f"{k}={v}" for k, v in mesh_axes.items()),
+                      volume_spec=str(fn_args[-1]["moving"].sharding.spec
+                                      if args.what == "train" else fn_args[-1].sharding.spec),
                       what=args.what, size=list(size), batch=batch,
-                      dtype=str(config.model.dtype), remat=bool(config.model.remat),
+                      dtype=str(config.model.dtype), remat=_remat_setting(config.model.remat),
                       conv_impl=conv_resolved, sampler=sampler_resolved,
                       config=os.path.relpath(args.config, REPO) if os.path.isabs(args.config)
                       else args.config)
@@ -459,10 +473,11 @@ def measure(args) -> dict:
             # XLA:CPU devices of the same mesh shape.
             cpu = jax.devices("cpu")
             if len(cpu) >= n:
-                cpu_mesh = Mesh(np.asarray(cpu[:n]).reshape(shape), names)
+                cpu_mesh = sharding.make_mesh(mesh_axes, cpu[:n])
                 fn2, fn_args2 = build_program(config, args.what, cpu_mesh, batch)
                 t1 = time.perf_counter()
-                flops, nbytes = _cost(fn2.lower(*fn_args2).compile())
+                with sharding.spatial_mesh(cpu_mesh):
+                    flops, nbytes = _cost(fn2.lower(*fn_args2).compile())
                 result["cost_compile_s"] = time.perf_counter() - t1
                 result["cost_source"] = "from an XLA:CPU compile of the same program"
     result["flops"], result["bytes_accessed"] = flops, nbytes
@@ -479,7 +494,9 @@ def main(argv=None) -> int:
     p.add_argument("--what", choices=("train", "infer"), default="train")
     p.add_argument("--config", default=str(REPO / "configs" / "all_domains.py"))
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    p.add_argument("--remat", dest="remat", action="store_true", default=None)
+    p.add_argument("--remat", dest="remat", nargs="?", const=True, default=None,
+                   choices=(True, "none", "levels", "blocks"),
+                   help="recompute in the backward pass: levels (bare --remat) or blocks")
     p.add_argument("--no-remat", dest="remat", action="store_false")
     p.add_argument("--mesh", default="data=1", help="data=N[,space=M] (devices = N*M)")
     p.add_argument("--batch", type=int, default=0, help="global batch (default: data size)")

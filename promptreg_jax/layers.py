@@ -113,19 +113,24 @@ class ConvInsBlocks(nn.Module):
     """A ``Sequential`` of ConvInsBlocks, children ``block0``, ``block1``, ...
 
     ``kernel_sizes`` defaults to 3 for every block (the RPG's ``fusion`` uses (3, 1)).
+    ``remat``: each block keeps only its input for the backward pass (``nn.remat``, i.e.
+    ``jax.checkpoint``; same parameters and numbers). It lowers the peak on TPU and GPU, where a
+    full-resolution block's conv, norm and activation temporaries dominate; XLA:CPU merges the
+    recomputation back (see ``promptreg_jax.remat``), so there it changes nothing.
     """
     features: Sequence[int]
     kernel_sizes: Sequence[int] | None = None
     negative_slope: float = 0.01
     conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x):
         sizes = self.kernel_sizes or (3,) * len(self.features)
+        block = nn.remat(ConvInsBlock) if self.remat else ConvInsBlock
         for i, (f, k) in enumerate(zip(self.features, sizes)):
-            x = ConvInsBlock(f, k, self.negative_slope, self.conv_impl, self.dtype,
-                             name=f"block{i}")(x)
+            x = block(f, k, self.negative_slope, self.conv_impl, self.dtype, name=f"block{i}")(x)
         return x
 
 

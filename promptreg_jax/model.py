@@ -13,11 +13,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from promptreg_jax.conv import CONV_IMPLS
 from promptreg_jax.layers import (Conv3D, ConvInsBlock, ConvInsBlocks, ResBlock,
                                   UpConvBlock, torch_uniform)
 from promptreg_jax.remat import checkpoint_module_fn
+from promptreg_jax.sharding import constrain_spatial
 from promptreg_jax.losses import cosine_similarity, orthogonality_loss, task_similarity_loss
 from promptreg_jax.spatial import compose, integrate, upsample_flow, warp
 
@@ -42,11 +44,11 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
-        h = ConvInsBlock(self.channels, name="conv0", **kw)(x)
+        h = constrain_spatial(ConvInsBlock(self.channels, name="conv0", **kw)(x))
         feats = [h]
         for i in (1, 2, 3):
             h = Conv3D(self.channels * 2 ** i, strides=2, padding=1, name=f"conv{i}_0", **kw)(h)
-            h = ResBlock(name=f"conv{i}_1", **kw)(h)
+            h = constrain_spatial(ResBlock(name=f"conv{i}_1", **kw)(h))
             feats.append(h)
         return feats
 
@@ -115,6 +117,28 @@ class PromptGenerator(nn.Module):
         return prompt, weights, loss_ort, loss_ts
 
 
+REMAT_MODES = ("none", "levels", "blocks")
+
+
+def remat_mode(remat) -> str:
+    """``model.remat`` as one of ``REMAT_MODES``: ``False``/``"none"``, ``True``/``"levels"``
+    (each encoder and decoder level keeps only its inputs), ``"blocks"`` (levels, and inside
+    them each conv block keeps only its input: the least memory, one more forward of each
+    block)."""
+    if isinstance(remat, (bool, np.bool_)) or remat is None:
+        return "levels" if remat else "none"
+    remat = {"false": "none", "true": "levels"}.get(str(remat).lower(), remat)
+    if remat not in REMAT_MODES:
+        raise ValueError(f"remat={remat!r}: use False, True (= 'levels') or one of {REMAT_MODES}")
+    return remat
+
+
+def remat_setting(remat):
+    """``model.remat`` as saved in a checkpoint's settings: ``False``, ``True`` or ``"blocks"``."""
+    mode = remat_mode(remat)
+    return {"none": False, "levels": True}.get(mode, mode)
+
+
 class PromptReg(nn.Module):
     """PromptReg = RDP backbone + RPG at the bottleneck (``use_prompt=False``: plain RDP).
 
@@ -137,7 +161,9 @@ class PromptReg(nn.Module):
     ``temperature`` 0.1 is the paper's, 0.5 the code's. ``dtype`` is the conv compute dtype; norms,
     flow heads, flows, warps and losses stay float32. ``remat`` keeps only the inputs of each
     encoder and each decoder level for the backward pass and recomputes them there (``promptreg_jax.remat``: unlike
-    ``jax.checkpoint`` this also saves memory on XLA:CPU); the numbers are unchanged.
+    ``jax.checkpoint`` this also saves memory on XLA:CPU); ``remat="blocks"`` also checkpoints
+    each conv block inside the levels (what fits 160^3 in bfloat16 on a 16 GiB TPU v5e); the
+    numbers are unchanged.
     """
     channels: int = 16
     num_tasks: int = 5
@@ -148,29 +174,31 @@ class PromptReg(nn.Module):
     int_steps: int = 7
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     def setup(self):
         # setup() rather than @nn.compact: nn.remat of a level needs submodules bound to self.
         if len(self.schedule) != 4 or min(self.schedule) < 1:
             raise ValueError(f"schedule needs 4 counts >= 1 (levels 1/8..1), got {self.schedule}")
+        remat_mode(self.remat)  # raises on an unknown mode
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
         if self.prompt_head not in PROMPT_HEADS:
             raise ValueError(f"prompt_head must be one of {PROMPT_HEADS}, got {self.prompt_head!r}")
         c, kw = self.channels, dict(conv_impl=self.conv_impl, dtype=self.dtype)
+        bkw = dict(kw, remat=remat_mode(self.remat) == "blocks")  # for ConvInsBlocks
         self.encoder_moving = Encoder(c, **kw)
         self.encoder_fixed = Encoder(c, **kw)
-        self.cconv_4 = ConvInsBlocks((8 * c, 8 * c), **kw)
+        self.cconv_4 = ConvInsBlocks((8 * c, 8 * c), **bkw)
         if self.use_prompt:
             self.prompt_generator = PromptGenerator(self.num_tasks, self.temperature,
                                                     self.prompt_head, **kw)
-            self.prompt_fusion_layer = ConvInsBlocks((8 * c, 8 * c), **kw)
-        self.dconv4 = ConvInsBlocks((8 * c, 8 * c), **kw)
+            self.prompt_fusion_layer = ConvInsBlocks((8 * c, 8 * c), **bkw)
+        self.dconv4 = ConvInsBlocks((8 * c, 8 * c), **bkw)
         # Levels 3, 2, 1 carry f = 4c, 2c, c decoder channels and 3f after concatenation.
         for level, f in ((3, 4 * c), (2, 2 * c), (1, c)):
             setattr(self, f"upconv{level}", UpConvBlock(f, **kw))
-            setattr(self, f"cconv_{level}", ConvInsBlocks((3 * f, 3 * f), **kw))
+            setattr(self, f"cconv_{level}", ConvInsBlocks((3 * f, 3 * f), **bkw))
             setattr(self, f"dconv{level}", ConvInsBlock(f, **kw))
         for level in (4, 3, 2, 1):
             # Flow heads: N(0, 1e-5) weights, zero bias, computed in float32.
@@ -180,22 +208,24 @@ class PromptReg(nn.Module):
 
     def _velocity_to_flow(self, level, feat):
         v = getattr(self, f"defconv{level}")(feat.astype(jnp.float32))
-        return integrate(v, self.int_steps)
+        return constrain_spatial(integrate(constrain_spatial(v), self.int_steps))
 
     def _decode_level(self, level, fixed_feat, moving_feat, feat, flow):
         """One decoder level: ``schedule`` estimates; returns (features, composed flow)."""
         n = self.schedule[4 - level]
-        warped = lambda u: warp(moving_feat, u).astype(self.dtype)
+        warped = lambda u: constrain_spatial(warp(moving_feat, u).astype(self.dtype))
         if level == 4:  # feat = C4 after the prompt fusion; flow is None
-            step = lambda c, u: self.dconv4(jnp.concatenate([fixed_feat, warped(u), c], -1))
+            step = lambda c, u: constrain_spatial(
+                self.dconv4(jnp.concatenate([fixed_feat, warped(u), c], -1)))
             c = feat
         else:
             cconv = getattr(self, f"cconv_{level}")
             dconv = getattr(self, f"dconv{level}")
-            step = lambda c, u: cconv(jnp.concatenate([fixed_feat, warped(u), dconv(c)], -1))
-            d = getattr(self, f"upconv{level}")(feat)
-            flow = upsample_flow(flow)
-            c = cconv(jnp.concatenate([fixed_feat, warped(flow), d], -1))
+            step = lambda c, u: constrain_spatial(
+                cconv(jnp.concatenate([fixed_feat, warped(u), dconv(c)], -1)))
+            d = constrain_spatial(getattr(self, f"upconv{level}")(feat))
+            flow = constrain_spatial(upsample_flow(flow))
+            c = constrain_spatial(cconv(jnp.concatenate([fixed_feat, warped(flow), d], -1)))
         w = self._velocity_to_flow(level, c)
         for _ in range(n - 1):
             flow = w if flow is None else compose(flow, w)
@@ -211,7 +241,7 @@ class PromptReg(nn.Module):
             raise ValueError(f"spatial size {moving.shape[1:4]} must be divisible by 8 "
                              f"(three stride-2 levels)")
         B = moving.shape[0]
-        remat = self.remat and not self.is_initializing()
+        remat = remat_mode(self.remat) != "none" and not self.is_initializing()
         encode = lambda mdl, name, x: getattr(mdl, name)(x)
         encode = checkpoint_module_fn(encode, self, static=(0,)) if remat else encode
         M = encode(self, "encoder_moving", moving.astype(self.dtype))
@@ -231,7 +261,8 @@ class PromptReg(nn.Module):
             if remat:
                 fn = checkpoint_module_fn(fn, self)
             feat, flow = fn(self, F[level - 1], M[level - 1], feat, flow)
-        return {"flow": flow, "warped": warp(moving, flow), "prompt_weights": weights,
+        return {"flow": flow, "warped": constrain_spatial(warp(moving, flow)),
+                "prompt_weights": weights,
                 "loss_ort": loss_ort, "loss_ts": loss_ts, "intermediates": inter}
 
 
@@ -272,7 +303,7 @@ def model_settings(config, num_tasks: int) -> dict:
                 use_prompt=bool(m.use_prompt), prompt_head=m.prompt_head,
                 temperature=float(m.temperature), schedule=[int(s) for s in m.schedule],
                 int_steps=int(m.int_steps), conv_impl=m.conv_impl, dtype=m.dtype,
-                remat=bool(m.remat), image_size=[int(s) for s in config.data.image_size])
+                remat=remat_setting(m.remat), image_size=[int(s) for s in config.data.image_size])
 
 
 def build_model(settings: dict) -> nn.Module:

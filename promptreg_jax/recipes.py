@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.int_steps = 7             # scaling-and-squaring steps per velocity
     c.model.conv_impl = "auto"        # "auto", "native" (cuDNN/TPU) or "depth_sum" (fast on CPU)
     c.model.dtype = "float32"         # compute dtype: "float32" or "bfloat16" (params stay f32)
-    c.model.remat = False             # recompute encoders/decoder levels in backward (less memory)
+    c.model.remat = "none"            # recompute in backward: "none", "levels" or "blocks" (least memory)
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""                  # folder holding the domain folders; "" -> $PROMPTREG_DATA_ROOT
@@ -80,7 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 300
-    c.train.batch_size = 0            # global batch; 0 -> one pair per device (the paper: 1)
+    c.train.batch_size = 0            # global batch; 0 -> one pair per data shard (the paper: 1)
+    c.train.mesh = "data=-1,space=1"  # devices = data x space (-1: the rest). data splits the batch,
+                                      # space splits each volume's X axis (one pair over several
+                                      # chips; X a multiple of 8 x space; with several processes
+                                      # space must divide each one's devices)
     c.train.total_steps = 0           # 0 -> epochs * steps per epoch
     c.train.log_every_steps = 50
     c.train.eval_every_steps = 5000   # validation Dice per domain; 0 -> only at the end

@@ -2,9 +2,10 @@
 
 One flat ``train_and_evaluate(config, workdir)``, read top to bottom: devices and mesh -> data ->
 model and optimiser -> sharded state -> jitted step -> restore -> loop (log, NaN check,
-checkpoint, validation) -> final evaluation. Data-parallel: parameters replicated over a ``data``
-mesh axis, the global batch sharded along it; several processes (``jax.distributed``) each feed
-their slice of every global batch.
+checkpoint, validation) -> final evaluation. Parameters replicated over a ``(data, space)`` mesh
+(``config.train.mesh``, ``promptreg_jax.sharding``): the global batch sharded along ``data`` and
+the volumes' X axis along ``space``; several processes (``jax.distributed``) each feed their slice
+of every global batch.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from promptreg_jax import checkpoint as ckpt_lib
 from promptreg_jax.cli import Interrupted, run_cli
 from promptreg_jax.memory import release_freed_heap
-from promptreg_jax import evaluate_lib, losses, optim
+from promptreg_jax import evaluate_lib, losses, optim, sharding
 from promptreg_jax import data as data_lib
 from promptreg_jax.model import build_model, model_settings
 from promptreg_jax.multihost import sync_processes
@@ -105,15 +106,17 @@ BATCH_KEYS = ("moving", "fixed", "task_id")
 
 
 def make_train_fns(model, tx, schedule, weights, mesh, image_shape, rng):
-    """The sharded state and update step for a ``data`` mesh.
+    """The sharded state and update step for a ``data`` or ``(data, space)`` mesh.
 
     Returns ``(init_state, train_step, abstract_state, state_sharding)``: ``init_state(rng)``
     creates the state already replicated over the mesh (``jit`` with ``out_shardings``), and
-    ``train_step(state, batch) -> (state, metrics)`` is jitted with the batch sharded along
-    ``data``, the state donated, and every metric a replicated scalar.
+    ``train_step(state, batch) -> (state, metrics)`` is jitted with the batch sharded as
+    ``sharding.batch_shardings(mesh)`` (volumes ``P("data", "space")`` when the mesh has a
+    ``space`` axis, else ``P("data")``), the state donated, and every metric a replicated scalar.
+    With ``space`` > 1 the step is traced under ``sharding.spatial_mesh``, so the model's feature
+    maps stay split along X (``sharding.constrain_spatial``).
     """
     repl = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
 
     def init_state(rng):
         x = jnp.zeros(image_shape, jnp.float32)
@@ -125,8 +128,9 @@ def make_train_fns(model, tx, schedule, weights, mesh, image_shape, rng):
     state_sharding = jax.tree.map(lambda _: repl, abstract)
 
     def train_step(state, batch):
-        (_, metrics), grads = jax.value_and_grad(
-            lambda p: loss_terms(model, p, batch, weights), has_aux=True)(state["params"])
+        with sharding.spatial_mesh(mesh):
+            (_, metrics), grads = jax.value_and_grad(
+                lambda p: loss_terms(model, p, batch, weights), has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
         metrics["lr"] = schedule(state["step"])
@@ -136,7 +140,7 @@ def make_train_fns(model, tx, schedule, weights, mesh, image_shape, rng):
         return new, metrics
 
     init_state = jax.jit(init_state, out_shardings=state_sharding)
-    train_step = jax.jit(train_step, in_shardings=(state_sharding, {k: data_sharding for k in BATCH_KEYS}),
+    train_step = jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_shardings(mesh)),
                          out_shardings=(state_sharding, repl), donate_argnums=0)
     return init_state, train_step, abstract, state_sharding
 
@@ -146,9 +150,30 @@ def _check_config(config):
     if len(size) != 3 or any(s % 8 or s <= 0 for s in size):
         raise TrainingError(f"config.data.image_size={size}: each of the 3 sizes must be a "
                             f"positive multiple of 8 (the network has 3 stride-2 levels)")
+    mesh_sizes(config)
     if config.optim.schedule_per not in ("step", "epoch"):
         raise TrainingError(f"config.optim.schedule_per={config.optim.schedule_per!r}: use "
                             f"'step' or 'epoch'")
+
+
+def mesh_sizes(config, num_devices: int | None = None) -> dict:
+    """``config.train.mesh`` as ``{"data": D, "space": S}`` for the devices, checked against the
+    image size and the global batch; a ``TrainingError`` of one line when they do not agree."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    text = str(config.train.get("mesh", "") or "")
+    try:
+        sizes = sharding.parse_mesh(text, num_devices)
+        global_batch = int(config.train.batch_size) or sizes["data"]
+        sharding.check_mesh(sizes, config.data.image_size, global_batch, text)
+        if sizes["space"] > 1 and jax.process_count() > 1 \
+                and jax.local_device_count() % sizes["space"]:
+            raise sharding.MeshError(
+                f"config.train.mesh={text!r}: space={sizes['space']} must divide the "
+                f"{jax.local_device_count()} devices of each process (one pair is read by one "
+                f"process)")
+    except sharding.MeshError as e:
+        raise TrainingError(str(e)) from None
+    return sizes
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -165,13 +190,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_main = jax.process_index() == 0
 
     # ---------------------------------------------------------------- Devices & mesh
-    devices = np.asarray(jax.devices())
-    mesh = Mesh(devices, ("data",))
+    sizes = mesh_sizes(config)
+    mesh = sharding.make_mesh(sizes)
     repl = NamedSharding(mesh, P())
-    global_batch = int(config.train.batch_size) or len(devices)
-    if global_batch % len(devices):
-        raise TrainingError(f"config.train.batch_size={global_batch} must be a multiple of the "
-                            f"{len(devices)} devices")
+    global_batch = int(config.train.batch_size) or sizes["data"]
     local_batch = global_batch // jax.process_count()
 
     # ---------------------------------------------------------------- Data
@@ -196,10 +218,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.PRNGKey(int(config.seed))
     init_state, train_step, abstract, state_sharding = make_train_fns(
         model, tx, schedule, weights, mesh, shape, rng)
-    data_sharding = NamedSharding(mesh, P("data"))
+    batch_sharding = sharding.batch_shardings(mesh)
+    # Each process holds whole pairs (its rows of the data axis, every X slab of them): the
+    # global shape names the full X, so each device takes its slab from the process's pairs.
+    global_shapes = {"moving": (global_batch, *shape[1:]), "fixed": (global_batch, *shape[1:]),
+                     "task_id": (global_batch,)}
 
     def to_global(local):
-        return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(local[k]))
+        return {k: jax.make_array_from_process_local_data(batch_sharding[k], np.asarray(local[k]),
+                                                          global_shapes[k])
                 for k in BATCH_KEYS}
 
     # ---------------------------------------------------------------- Restore or init
@@ -212,12 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_count() > 1:
         # Compile the step before the first collective and meet there: gloo gives processes
         # 30 s to meet, and compiling this network can take minutes.
-        batch_spec = {"moving": jax.ShapeDtypeStruct((global_batch, *shape[1:]), jnp.float32,
-                                                     sharding=data_sharding),
-                      "fixed": jax.ShapeDtypeStruct((global_batch, *shape[1:]), jnp.float32,
-                                                    sharding=data_sharding),
-                      "task_id": jax.ShapeDtypeStruct((global_batch,), jnp.int32,
-                                                      sharding=data_sharding)}
+        batch_spec = {k: jax.ShapeDtypeStruct(global_shapes[k],
+                                              jnp.int32 if k == "task_id" else jnp.float32,
+                                              sharding=batch_sharding[k]) for k in BATCH_KEYS}
         init_state = init_state.lower(rng).compile()
         train_step = train_step.lower(abstract_sharded, batch_spec).compile()
         sync_processes("compiled")

@@ -166,15 +166,35 @@ def test_remat_gives_same_outputs_and_gradients():
         return jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST)(params)
 
     (loss0, out0), grad0 = run(False)
-    (loss1, out1), grad1 = run(True)
     assert out0["prompt_weights"].shape == (1, 0)
     assert float(out0["loss_ort"]) == 0.0 and float(out0["loss_ts"]) == 0.0
     assert set(out0["intermediates"]) == {"encoder_moving_level0", "c4_after_cconv_4"}
-    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
-    np.testing.assert_allclose(out1["flow"], out0["flow"], atol=1e-6)
-    for a, b in zip(jax.tree_util.tree_leaves(grad1), jax.tree_util.tree_leaves(grad0)):
-        np.testing.assert_allclose(a, b, atol=1e-6 * np.abs(b).max() + 1e-12)
     assert max(np.abs(g).max() for g in jax.tree_util.tree_leaves(grad0["defconv1"])) > 0
+    # "blocks" also checkpoints each conv block inside the levels (nn.remat): same parameter
+    # tree (it initialises the same variables) and the same numbers.
+    blocks = PromptReg(**cfg, remat="blocks")
+    assert jax.tree_util.tree_structure(jax.eval_shape(blocks.init, KEY, moving, fixed)) == \
+        jax.tree_util.tree_structure({"params": params})
+    for remat in (True, "blocks"):
+        (loss1, out1), grad1 = run(remat)
+        np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+        np.testing.assert_allclose(out1["flow"], out0["flow"], atol=1e-6)
+        assert jax.tree_util.tree_structure(grad1) == jax.tree_util.tree_structure(grad0)
+        for a, b in zip(jax.tree_util.tree_leaves(grad1), jax.tree_util.tree_leaves(grad0)):
+            np.testing.assert_allclose(a, b, atol=1e-6 * np.abs(b).max() + 1e-12)
+
+
+def test_remat_modes():
+    from promptreg_jax.model import remat_mode, remat_setting
+    assert [remat_mode(r) for r in (False, True, "none", "levels", "blocks")] == \
+        ["none", "levels", "none", "levels", "blocks"]
+    assert [remat_setting(r) for r in ("none", "levels", "blocks", True)] == \
+        [False, True, "blocks", True]
+    with pytest.raises(ValueError, match="remat='layers'"):
+        remat_mode("layers")
+    with pytest.raises(ValueError, match="remat="):
+        jax.eval_shape(PromptReg(channels=2, remat="layers").init, KEY,
+                       jnp.zeros((1, 16, 16, 16, 1)), jnp.zeros((1, 16, 16, 16, 1)))
 
 
 @pytest.mark.slow

@@ -1,0 +1,153 @@
+"""Spatial sharding (``config.train.mesh``): a ``(data, space)`` step equals the 1-device step,
+the volumes and the model's feature maps are really split along X, and a mesh that does not fit
+the devices, the image or the batch is refused with one line.
+
+Uses the 4 simulated CPU devices of conftest. Three programs are compiled (1 device, data=2 x
+space=2, data=1 x space=4), each once; ``conv_impl="native"`` as on accelerators (the CPU's
+``depth_sum`` form loops over X planes, which GSPMD can only gather).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import tiny_config
+from promptreg_jax import model as model_lib, optim, sharding, train
+from train_test import _assert_params_close, _flat
+
+SIZE = (32, 16, 16)   # X = 32: every level splits over space = 4 (32 = 8 x 4)
+BATCH = 2
+
+
+def _setup(tmp_path):
+    config = tiny_config(tmp_path)          # demo.py:tiny: c = 4, schedule (1,1,1,1), 4 squarings
+    config.data.image_size = SIZE
+    config.model.conv_impl = "native"
+    model = model_lib.build_model(model_lib.model_settings(config, num_tasks=5))
+    schedule = optim.make_schedule(config.optim.lr, 4, config.optim.power, 1, "step")
+    tx = optim.make_optimizer(schedule)
+    weights = {k: float(config.loss[k]) for k in ("mind", "smooth", "ort", "ts")}
+    rng = np.random.default_rng(0)
+    batch = {"moving": rng.random((BATCH, *SIZE, 1), np.float32),
+             "fixed": rng.random((BATCH, *SIZE, 1), np.float32),
+             "task_id": np.array([1, 3], np.int32)}
+    return config, model, tx, schedule, weights, batch
+
+
+def _conv_outputs(hlo: str):
+    """Shapes of the 5-D channels-last convolution results (``...->b012f``: batch, X, Y, Z,
+    features) in a compiled, per-device HLO text."""
+    return [tuple(int(d) for d in m.group(1).split(","))
+            for m in re.finditer(r"= f32\[(\d+,\d+,\d+,\d+,\d+)\]\{[^}]*\} convolution\("
+                                 r"[^\n]*dim_labels=\w+->b012f", hlo)]
+
+
+def _run(mesh, model, tx, schedule, weights, batch):
+    init, step, abstract, state_sharding = train.make_train_fns(
+        model, tx, schedule, weights, mesh, (1, *SIZE, 1), jax.random.PRNGKey(42))
+    shardings = sharding.batch_shardings(mesh)
+    # As the trainer feeds it: every process's whole pairs, each device taking its X slab.
+    arrays = {k: jax.make_array_from_process_local_data(shardings[k], v, v.shape)
+              for k, v in batch.items()}
+    state = init(jax.random.PRNGKey(42))
+    compiled = step.lower(state, arrays).compile()
+    new_state, metrics = compiled(state, arrays)
+    return arrays, compiled, _flat(new_state["params"]), jax.device_get(metrics)
+
+
+def test_data_and_space_sharded_steps_equal_the_single_device_step(tmp_path):
+    config, model, tx, schedule, weights, batch = _setup(tmp_path)
+    results = {}
+    for data, space in ((1, 1), (2, 2), (1, 4)):
+        sizes = train.mesh_sizes(_with_mesh(config, f"data={data},space={space}"),
+                                 num_devices=data * space)
+        mesh = sharding.make_mesh(sizes, jax.devices()[:data * space])
+        arrays, compiled, params, metrics = _run(mesh, model, tx, schedule, weights, batch)
+        results[data, space] = params, metrics
+        if space == 1:
+            continue
+        # The batch: volumes P("data", "space") (X split), task ids P("data").
+        assert arrays["moving"].sharding.spec == P("data", "space")
+        assert arrays["task_id"].sharding.spec == P("data")
+        shard = arrays["fixed"].addressable_shards[0].data
+        assert shard.shape == (BATCH // data, SIZE[0] // space, *SIZE[1:], 1)
+        assert compiled.input_shardings[0][1]["moving"].spec == P("data", "space")
+        # The feature maps inside the model: every convolution over a volume (encoders, decoder,
+        # flow heads; forward and input gradients) runs on X / space planes per device.
+        hlo = compiled.as_text()
+        levels = {(SIZE[1] >> i, SIZE[2] >> i): SIZE[0] >> i for i in range(4)}
+        feature_convs = [s for s in _conv_outputs(hlo)
+                         if s[0] == BATCH // data and s[2:4] in levels]
+        assert feature_convs, "no convolution over a feature map found in the HLO"
+        for s in feature_convs:
+            assert s[1] == levels[s[2:4]] // space, (s, space)
+        full_res = [s for s in feature_convs if s[2:4] == SIZE[1:] and s[4] == 4]
+        assert full_res and all(s[1] == SIZE[0] // space for s in full_res)
+        # GSPMD's halo exchanges of the convolutions are there.
+        assert "collective-permute" in hlo
+    p1, m1 = results[1, 1]
+    for key in ((2, 2), (1, 4)):
+        p, m = results[key]
+        np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-5, err_msg=str(key))
+        np.testing.assert_allclose(m["mind"], m1["mind"], rtol=1e-5, err_msg=str(key))
+        np.testing.assert_allclose(m["grad_norm"], m1["grad_norm"], rtol=1e-4, err_msg=str(key))
+        _assert_params_close(p1, p)
+
+
+def _with_mesh(config, text, **train_kw):
+    config = config.copy_and_resolve_references()
+    config.train.mesh = text
+    for k, v in train_kw.items():
+        config.train[k] = v
+    return config
+
+
+def _constrained(x):
+    # A new function each time: make_jaxpr caches traces per function, not per context.
+    return str(jax.make_jaxpr(lambda a: sharding.constrain_spatial(a))(x))
+
+
+def test_constrain_spatial_is_a_no_op_without_a_space_axis():
+    x = jnp.ones((2, 32, 16, 16, 4))
+    assert "sharding_constraint" not in _constrained(x)
+    for sizes in ({"data": 1, "space": 1}, {"data": 4, "space": 1}):
+        mesh = sharding.make_mesh(sizes, jax.devices()[:sizes["data"]])
+        with sharding.spatial_mesh(mesh):
+            assert "sharding_constraint" not in _constrained(x)
+    mesh = sharding.make_mesh({"data": 2, "space": 2}, jax.devices()[:4])
+    with sharding.spatial_mesh(mesh):
+        assert "P('data', 'space')" in _constrained(x)
+        assert "sharding_constraint" not in _constrained(jnp.ones((2, 17, 16, 16, 4)))
+    assert "sharding_constraint" not in _constrained(x)
+
+
+def test_mesh_config_default_and_errors(tmp_path):
+    config = tiny_config(tmp_path)                         # 16^3, batch 0 (one per data shard)
+    assert config.train.mesh == "data=-1,space=1"
+    assert train.mesh_sizes(config, 4) == {"data": 4, "space": 1}
+    assert train.mesh_sizes(_with_mesh(config, "data=2,space=2"), 4) == {"data": 2, "space": 2}
+    assert train.mesh_sizes(_with_mesh(config, "space=2"), 4) == {"data": 2, "space": 2}
+    assert train.mesh_sizes(_with_mesh(config, "data=1,space=-1"), 2) == {"data": 1, "space": 2}
+    cases = [
+        ("data=2,space=3", {}, "data x space = 2 x 3 = 6 must equal the 4 devices"),
+        ("data=3,space=-1", {}, "4 devices are not a multiple of the other axis (3)"),
+        ("model=4", {}, "use e.g. 'data=-1,space=1'"),
+        ("data=-1,space=-1", {}, "at most one axis may be -1"),
+        ("data=1,space=4", {}, "image size 16 along X (config.data.image_size[0]) must be a "
+                               "multiple of 8 x space = 32"),
+        ("data=2,space=2", {"batch_size": 3}, "config.train.batch_size=3 must be a multiple of "
+                                              "data=2"),
+    ]
+    for text, kw, message in cases:
+        with pytest.raises(train.TrainingError) as e:
+            train.mesh_sizes(_with_mesh(config, text, **kw), 4)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert str(e.value).startswith(f"config.train.mesh={text!r}: ")
+    # The trainer refuses it before doing any work (no data written, nothing compiled).
+    with pytest.raises(train.TrainingError, match="multiple of 8 x space = 32"):
+        train.train_and_evaluate(_with_mesh(config, "data=1,space=4"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
