@@ -27,6 +27,7 @@ import numpy as np
 
 from promptreg_jax import evaluate_lib, metrics
 from promptreg_jax.data.errors import DataError
+from promptreg_jax.instance_opt import DEFAULT_LR
 from promptreg_jax.memory import release_freed_heap
 from promptreg_jax.data.pair_list import PairSpec, check_pairs, guess_modality
 from promptreg_jax.nifti_io import field_outputs, from_canonical, save_like, save_world_displacement
@@ -69,7 +70,7 @@ class Registrar:
     ``checkpoint`` name the model used; they are recorded in every output.
     """
 
-    def __init__(self, model, params, meta: dict, io_steps: int = 0, io_lr: float = 1e-5,
+    def __init__(self, model, params, meta: dict, io_steps: int = 0, io_lr: float = DEFAULT_LR,
                  io_weights: dict | None = None, qc: bool = True, step: int | None = None,
                  checkpoint: str = "", field_io: bool = False, field_io_options: dict | None = None,
                  guard: bool = True):

@@ -172,6 +172,12 @@ def test_instance_optimisation_lowers_the_loss_and_never_changes_the_params(
                                     return_losses=True)
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert _hash(new) != before and _hash(params) == before
+    seen = []  # on_step: the parameters after each step, the last one those handed back
+    again = instance_optimize(model, params, m[None, ..., None], f[None, ..., None], 3, lr=1e-4,
+                              moving_label=ml[None], fixed_label=fl[None],
+                              on_step=lambda k, p: seen.append((k, _hash(p))))
+    assert [k for k, _ in seen] == [1, 2, 3] and seen[-1][1] == _hash(again) == _hash(new)
+    assert len({h for _, h in seen}) == 3
 
     # Three pairs in one process through the CLI (--pairs, --io-steps): the first and the last
     # are the same pair, so any drift of the parameters would show in their outputs.

@@ -46,6 +46,51 @@ def test_subject_maps_are_invertible(key):
     assert np.linalg.det(jac).min() > 0.2
 
 
+def test_appearance_varies_per_subject():
+    """Contrast per tissue, blur, noise, gamma and bias are drawn per subject, deterministically,
+    within their documented ranges; brain and hippocampus have some inverted-contrast subjects."""
+    looks = [synthetic.appearance("brain", 0, i) for i in range(32)]
+    assert synthetic.appearance("brain", 0, 3)["gamma"] == looks[3]["gamma"]  # deterministic
+    base = np.asarray([m for _, m, _ in synthetic.SPECS["brain"].tissues.values()])
+    for look in looks:
+        ratio = look["means"][1:] / (1.0 - base[1:] if look["inverted"] else base[1:])
+        assert np.all((ratio >= 0.8) & (ratio <= 1.2)) and look["means"][0] == 0.0, ratio
+        assert 0.7 <= look["gamma"] <= 1.4 and 0.4 <= look["blur"] <= 1.1
+        assert 0.1 <= look["bias"] <= 0.45 and 300 <= look["gain"] <= 1200
+    assert 0.05 < np.mean([lk["inverted"] for lk in looks]) < 0.4  # p = 0.2
+    assert np.std([lk["blur"] for lk in looks]) > 0.1 and np.std([lk["gamma"] for lk in looks]) > 0.1
+    ct = [synthetic.appearance("abdomen", 0, i) for i in range(8)]
+    assert not any(lk["inverted"] for lk in ct) and all(lk["gamma"] == 1.0 for lk in ct)
+    assert all(lk["means"][0] == -1000.0 for lk in ct)  # air stays air
+    liver = [lk["means"][list(synthetic.SPECS["abdomen"].tissues).index("liver")] for lk in ct]
+    assert 3 < np.std(liver) < 30  # N(0, 15) HU per subject around 100 HU
+
+
+def test_inverted_contrast_in_the_image():
+    """In an inverted brain subject the ventricles (labels 5, 6) are brighter than the white
+    matter (3, 4); in a plain one darker."""
+    flags = [synthetic.appearance("brain", 0, i)["inverted"] for i in range(8)]
+    for i in (flags.index(True), flags.index(False)):
+        image, labels = synthetic.make_subject("brain", 32, 0, i)[0][""]
+        ventricles = image[np.isin(labels, (5, 6))].mean()
+        wm = image[np.isin(labels, (3, 4))].mean()
+        assert (ventricles > 1.5 * wm) if flags[i] else (wm > 1.5 * ventricles), (i, ventricles, wm)
+
+
+def test_deformation_strength_varies():
+    """Subjects differ from their pose (S p + t) by deformations of varied size: the largest
+    RMS local displacement is well above the smallest among 12 subjects."""
+    rms = []
+    for i in range(12):
+        p, q = synthetic.subject_map("brain", 24, 0, i)
+        # The affine part by least squares per axis, the rest is the local deformation.
+        a = np.stack([p[0].ravel(), p[1].ravel(), p[2].ravel(), np.ones(p[0].size)], 1)
+        res = [q[k].ravel() - a @ np.linalg.lstsq(a, q[k].ravel(), rcond=None)[0]
+               for k in range(3)]
+        rms.append(float(np.sqrt(np.mean(np.sum(np.square(res), 0)))))
+    assert max(rms) > 1.8 * min(rms), rms
+
+
 def test_generate_layout_and_determinism(tmp_path):
     entries = synthetic.generate(str(tmp_path / "a"), size=16, subjects=3, seed=0)
     assert [e["name"] for e in entries] == ["Brain", "Abdominal", "Hippocampus", "Cardiac", "Hip"]
@@ -80,6 +125,18 @@ def test_ensure_synthetic_regenerates_only_when_incomplete(tmp_path, capsys):
     os.remove(image)
     ensure_synthetic(out, size=16, subjects=2, seed=0, domains=("hippocampus",))
     assert os.path.exists(image)
+    # Data written by an older generator is regenerated, not reused.
+    marker = os.path.join(out, ".complete.json")
+    with open(marker) as f:
+        args = json.load(f)
+    assert args["version"] == synthetic.GENERATOR_VERSION
+    with open(marker, "w") as f:
+        json.dump(dict(args, version=synthetic.GENERATOR_VERSION - 1), f)
+    capsys.readouterr()
+    ensure_synthetic(out, size=16, subjects=2, seed=0, domains=("hippocampus",))
+    assert "generating" in capsys.readouterr().err
+    with open(marker) as f:
+        assert json.load(f)["version"] == synthetic.GENERATOR_VERSION
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -7,9 +7,13 @@ Five domains modelled on the paper's, each a template anatomy drawn analytically
 coordinates ``q in [-1, 1]^3``. A subject samples the template through its own smooth invertible
 map ``q = S p + t + u(p)`` (per-axis scale S, translation t, a sum of four low-frequency sines u
 whose gradient is bounded so that ``det(S + grad u) > 0``), so two subjects of a domain are in
-true correspondence and Dice between their labels measures registration. Intensities: a mean per
-tissue, a texture that moves with the anatomy, slight partial-volume blur, Gaussian noise, and
-for MR a smooth multiplicative bias field and a random gain. CT is written in Hounsfield units.
+true correspondence and Dice between their labels measures registration. The strength and finest
+frequency of ``u`` vary per subject. Intensities, drawn per subject (``appearance``): a mean per
+tissue (jittered; for some brain and hippocampus subjects an inverted contrast), a texture that
+moves with the anatomy, partial-volume blur, Gaussian noise, and for MR a gamma, a smooth
+multiplicative bias field of random strength and a random gain. CT is written in Hounsfield units.
+``GENERATOR_VERSION`` is recorded in the completion marker: data written by another version of
+the generator is regenerated, never reused.
 
 Output, per domain, the authors' layout read by the "csv" reader (SPEC B.0)::
 
@@ -33,10 +37,11 @@ import sys
 
 import nibabel as nib
 
-from promptreg_jax.data.synthetic_anatomy import DOMAINS, SPECS, make_subject, num_classes, subject_map
+from promptreg_jax.data.synthetic_anatomy import (DOMAINS, GENERATOR_VERSION, SPECS, appearance,
+                                                  make_subject, num_classes, subject_map)
 
-__all__ = ["DOMAINS", "SPECS", "config_entries", "ensure_synthetic", "generate", "main",
-           "make_subject", "num_classes", "subject_map"]
+__all__ = ["DOMAINS", "GENERATOR_VERSION", "SPECS", "appearance", "config_entries",
+           "ensure_synthetic", "generate", "main", "make_subject", "num_classes", "subject_map"]
 _MARKER = ".complete.json"
 
 
@@ -118,7 +123,8 @@ def generate(out_dir: str, size: int = 48, subjects: int = 8, seed: int = 0,
                             num_classes=num_classes(key), reader="csv", root=spec.folder,
                             shape=list(shape), spacing=[round(s, 4) for s in spacing],
                             train_pairs=len(train_rows), test_pairs=len(test_rows)))
-    args = dict(size=size, subjects=subjects, seed=seed, domains=domains)
+    args = dict(size=size, subjects=subjects, seed=seed, domains=domains,
+                version=GENERATOR_VERSION)
     with open(os.path.join(out_dir, "domains.json"), "w") as f:
         json.dump(dict(args, domains=summary), f, indent=1)
     with open(marker + ".part", "w") as f:
@@ -138,9 +144,11 @@ def config_entries(out_dir: str) -> list[dict]:
 
 def ensure_synthetic(out_dir: str, size: int = 48, subjects: int = 8, seed: int = 0,
                      domains=DOMAINS) -> list[dict]:
-    """Generates the data set unless a complete one with these arguments is already there."""
+    """Generates the data set unless a complete one with these arguments, written by this
+    ``GENERATOR_VERSION``, is already there (one from another version is regenerated)."""
     marker = os.path.join(os.path.abspath(out_dir), _MARKER)
-    want = dict(size=size, subjects=subjects, seed=seed, domains=list(domains))
+    want = dict(size=size, subjects=subjects, seed=seed, domains=list(domains),
+                version=GENERATOR_VERSION)
     try:
         with open(marker) as f:
             if json.load(f) == want:

@@ -4,6 +4,14 @@ Templates are drawn analytically in normalised coordinates ``q in [-1, 1]^3`` (R
 subject's left), as a list of (tissue, mask) painted in order. A tissue has a label (0 for
 unlabelled tissue such as skull or fat), a mean intensity and a texture amplitude. Used by
 ``promptreg_jax.data.synthetic``, which writes the files.
+
+Each subject draws its own shape (per-axis scale, shift, and a smooth deformation whose amplitude
+and spatial frequency vary) and its own appearance (``appearance``): a contrast per tissue, texture
+strength, blur, noise level, and for MR a gamma, a bias field of random strength, a random gain
+and, for brain and hippocampus, an inverted contrast in some subjects (1 - mean per tissue: fluid
+bright and white matter dark, as in T2). Changing what a subject looks like changes
+``GENERATOR_VERSION``, which is part of the data set's completion marker, so a data set written
+by another version is regenerated rather than reused.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 DOMAINS = ("brain", "abdomen", "hippocampus", "cardiac", "hip")
+GENERATOR_VERSION = 2  # 1: fixed appearance and deformation scale per domain
 
 
 def _ell(q, c, r):
@@ -111,6 +120,7 @@ class _Spec:
     deform: float                # bound on |du_a/dp_b| summed over components
     noise: float                 # Gaussian noise (HU for CT, fraction of 1 for MR)
     phases: tuple = ("",)
+    invert: float = 0.0          # probability of a T2-like inverted MR contrast per subject
 
 
 SPECS = {
@@ -120,7 +130,7 @@ SPECS = {
         "wm_l": (3, 0.86, 0.03), "ventricle_r": (6, 0.14, 0.01), "ventricle_l": (5, 0.14, 0.01),
         "thalamus_r": (8, 0.72, 0.03), "thalamus_l": (7, 0.72, 0.03), "putamen_r": (10, 0.64, 0.03),
         "putamen_l": (9, 0.64, 0.03), "cerebellum": (11, 0.6, 0.08), "brainstem": (12, 0.78, 0.03)},
-        _brain, 0.12, 0.025),
+        _brain, 0.12, 0.025, invert=0.2),
     "abdomen": _Spec("Abdominal", "ct", (1.0, 0.85, 1.15), (384, 320, 440), (1, 1, 1), {
         "air": (0, -1000.0, 0.0), "fat": (0, -95.0, 15.0), "soft": (0, 35.0, 20.0),
         "spine": (0, 450.0, 120.0), "aorta": (0, 185.0, 10.0), "liver": (4, 100.0, 8.0),
@@ -129,7 +139,7 @@ SPECS = {
     "hippocampus": _Spec("Hippocampus", "mr", (0.8, 1.0, 0.8), (36, 50, 35), (1, 1, 1), {
         "gm": (0, 0.5, 0.05), "wm": (0, 0.85, 0.03), "horn": (0, 0.15, 0.02),
         "amygdala": (0, 0.56, 0.03), "hippo_head": (1, 0.62, 0.03), "hippo_tail": (2, 0.62, 0.03)},
-        _hippocampus, 0.18, 0.03),
+        _hippocampus, 0.18, 0.03, invert=0.2),
     "cardiac": _Spec("Cardiac", "mr", (1.0, 1.0, 0.25), (320, 320, 100), (-1, -1, 1), {
         "air": (0, 0.0, 0.0), "body": (0, 0.32, 0.06), "lung": (0, 0.05, 0.02), "rv": (3, 0.85, 0.03),
         "myo": (2, 0.24, 0.02), "lv": (1, 0.92, 0.03)},
@@ -151,9 +161,10 @@ def _shape(spec: _Spec, size: int) -> tuple[int, ...]:
     return tuple(max(8, int(round(size * f))) for f in spec.shape_factor)
 
 
-def _smooth_field(rng, p, amplitude: float, n: int = 4):
-    """``sum_k a_k sin(pi/2 f_k . p + phi_k)`` per axis, with sum_k |a_ka| pi/2 |f_kb| <= amplitude."""
-    freqs = rng.integers(-2, 3, size=(n, 3))
+def _smooth_field(rng, p, amplitude: float, n: int = 4, max_freq: int = 2):
+    """``sum_k a_k sin(pi/2 f_k . p + phi_k)`` per axis, with sum_k |a_ka| pi/2 |f_kb| <= amplitude
+    and integer frequencies ``|f_kb| <= max_freq``."""
+    freqs = rng.integers(-max_freq, max_freq + 1, size=(n, 3))
     freqs[np.all(freqs == 0, axis=1), 0] = 1
     phases = rng.uniform(0, 2 * np.pi, size=(n, 3))
     amps = rng.normal(size=(n, 3))
@@ -176,12 +187,42 @@ def subject_map(key: str, size: int, seed: int, index: int):
     rng = np.random.default_rng([seed, zlib.crc32(key.encode()), index, 0])
     shape = _shape(spec, size)
     p = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
-    # Every |du_a/dp_b| <= deform <= 0.18, so each row of S + grad u has a diagonal >= 0.74 above
+    # Every |du_a/dp_b| <= deform <= 0.18, so each row of S + grad u has a diagonal >= 0.72 above
     # its off-diagonal sum <= 0.36: strictly diagonally dominant, positive diagonal, det > 0.
-    scale = rng.uniform(0.92, 1.08, 3)
-    shift = rng.uniform(-0.08, 0.08, 3)
-    u = _smooth_field(rng, p, spec.deform)
+    # The deformation's strength (a fraction of the bound) and its finest frequency vary per
+    # subject: some subjects differ from the template mostly by pose and size, others locally.
+    scale = rng.uniform(0.9, 1.1, 3)
+    shift = rng.uniform(-0.1, 0.1, 3)
+    strength = rng.uniform(0.35, 1.0)
+    u = _smooth_field(rng, p, strength * spec.deform, max_freq=int(rng.integers(2, 4)))
     return p, [scale[a] * p[a] + shift[a] + u[a] for a in range(3)]
+
+
+def appearance(key: str, seed: int, index: int) -> dict:
+    """Subject ``index``'s imaging parameters (deterministic in its arguments).
+
+    ``means``: intensity per tissue (the domain's table, each non-background tissue scaled by
+    U(0.8, 1.2) for MR, shifted by N(0, 15) HU for CT; in an ``inverted`` MR subject 1 - mean
+    first), ``texture``: texture amplitude factor, ``blur``: Gaussian sigma in voxels, ``noise``:
+    noise standard deviation, ``gamma`` (MR, on intensities in [0, 1]), ``bias``: strength of the
+    smooth multiplicative MR bias field (its log's gradient bound), ``gain`` (MR scanner units).
+    """
+    spec = SPECS[key]
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode()), index, 2])
+    mr = spec.modality == "mr"
+    means = np.asarray([m for _, m, _ in spec.tissues.values()], np.float64)
+    inverted = bool(mr and rng.random() < spec.invert)
+    if inverted:  # fluid bright, white matter dark (T2-like); the background stays as it is
+        means[1:] = 1.0 - means[1:]
+    if mr:
+        means[1:] *= rng.uniform(0.8, 1.2, means.size - 1)
+    else:
+        means[1:] += rng.normal(0.0, 15.0, means.size - 1)
+    return dict(means=means, inverted=inverted, texture=rng.uniform(0.5, 1.5),
+                blur=rng.uniform(0.4, 1.1), noise=rng.uniform(0.15, 0.5) * spec.noise,
+                gamma=rng.uniform(0.7, 1.4) if mr else 1.0,
+                bias=rng.uniform(0.1, 0.45) if mr else 0.0,
+                gain=rng.uniform(300, 1200) if mr else 1.0)
 
 
 def make_subject(key: str, size: int, seed: int, index: int):
@@ -190,10 +231,12 @@ def make_subject(key: str, size: int, seed: int, index: int):
     p, q = subject_map(key, size, seed, index)
     shape = p[0].shape
     rng = np.random.default_rng([seed, zlib.crc32(key.encode()), index, 1])
-    bias = np.exp(_smooth_field(rng, p, 0.3, 3)[0]) if spec.modality == "mr" else 1.0
-    gain = rng.uniform(300, 1200) if spec.modality == "mr" else 1.0
+    look = appearance(key, seed, index)
+    mr = spec.modality == "mr"
+    bias = np.exp(_smooth_field(rng, p, look["bias"], 3)[0]) if mr else 1.0
     names = list(spec.tissues)
     table = np.asarray([spec.tissues[n] for n in names], np.float32)
+    means = look["means"].astype(np.float32)
     tex = _texture(q)
     out = {}
     for phase in spec.phases:
@@ -201,13 +244,15 @@ def make_subject(key: str, size: int, seed: int, index: int):
         for name, mask in spec.draw(q, phase):
             tissue[mask] = names.index(name)
         labels = table[tissue, 0].astype(np.uint8)
-        image = table[tissue, 1] + table[tissue, 2] * tex
-        image = ndimage.gaussian_filter(image, 0.6)
-        # Noise well below the tissue contrasts: with strong noise, a similarity loss can be
-        # lowered by sub-voxel shifts that blur it (interpolation bias) instead of by alignment.
-        image = image + rng.normal(0.0, 0.25 * spec.noise, shape).astype(np.float32)
-        if spec.modality == "mr":
-            image = np.clip(image * bias * gain, 0, 32767)
+        image = means[tissue] + look["texture"] * table[tissue, 2] * tex
+        image = ndimage.gaussian_filter(image, look["blur"])
+        if mr:
+            image = np.clip(image, 0, None) ** look["gamma"]
+        # Noise below the tissue contrasts: with strong noise, a similarity loss can be lowered
+        # by sub-voxel shifts that blur it (interpolation bias) instead of by alignment.
+        image = image + rng.normal(0.0, look["noise"], shape).astype(np.float32)
+        if mr:
+            image = np.clip(image * bias * look["gain"], 0, 32767)
         out[phase] = (np.rint(image).astype(np.int16), labels)
     spacing = np.asarray(spec.fov_mm, np.float64) / np.asarray(shape)
     affine = np.diag(list(np.asarray(spec.flip) * spacing) + [1.0])
