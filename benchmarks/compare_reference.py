@@ -2,7 +2,7 @@
 
     python benchmarks/compare_reference.py --reference-dir DIR [--sizes 64 96] [--modes train,infer]
         [--repeats 3] [--rounds 2] [--reference-python PY] [--remat] [--malloc-trim]
-        [--port-env KEY=VALUE ...] [--port-configs default remat+trim ...] [--no-parity]
+        [--clear-caches] [--aot] [--port-env KEY=VALUE ...] [--port-configs default remat+trim ...] [--no-parity]
         [--json OUT.json]
 
 ``DIR`` is a checkout of https://github.com/xiehousheng/PromptReg (``PromptReg.py``, ``train.py``);
@@ -26,6 +26,10 @@ while stepping (kernel high-water mark reset after compiling) and XLA's temp pla
 Before timing, one process with both libraries converts the reference's initial weights
 (``promptreg_jax.convert``, flow heads scaled up so that the flow is a real deformation) and checks
 that both compute the same loss terms and gradient norm from them (``--no-parity`` skips it).
+
+``--aot`` (port config ``aot``) compiles the port in a child process that writes JAX's persistent
+compilation cache, then loads every executable from it, so the measuring process never holds the
+compiler's heap; that child's time and peak RSS and the cache hits / misses are reported beside it.
 
 The run ends with one line per size and mode: ``ratio train 64: time 0.78x, peak RSS 0.95x``
 (this port / the authors').
@@ -57,6 +61,9 @@ PORT_OPTIONS = {
     "remat": "model.remat=True (recompute each encoder / decoder level in the backward pass)",
     "trim": "malloc_trim(0) after compiling: the compiler's freed heap goes back to the kernel",
     "memsched": f"XLA_FLAGS={MEMORY_SCHEDULER} (XLA:CPU's memory-optimised HLO scheduler)",
+    "clear": "after compiling, jax.clear_caches() (traced jaxprs, lowered modules) + trim",
+    "aot": "compile in a separate process first (JAX's persistent cache; "
+           "promptreg_jax.memory), so the measuring process loads the executables",
 }
 
 
@@ -202,7 +209,9 @@ def _malloc_trim():
         return False
 
 
-def port_child(mode, size, args):
+def _port_setup(mode, size, args):
+    """``(lower, make_call)``: the port's jitted step (or forward) ready to lower, and a function
+    of the compiled executable returning the timed call."""
     import jax
     model = _port_model(args)
     b = bench._batch(size, 1)
@@ -217,40 +226,85 @@ def port_child(mode, size, args):
                                                    (1, size, size, size, 1), jax.random.key(0))
         state = bench._block(init_state(jax.random.key(0)))
         batch = jax.device_put(b)
-        lower = lambda: step_fn.lower(state, batch)
-    else:
-        params = jax.jit(lambda r: model.init(r, b["moving"], b["fixed"], b["task_id"])["params"])(
-            jax.random.key(0))
-        fwd = jax.jit(lambda p, m, f, t: {k: v for k, v in model.apply({"params": p}, m, f, t).items()
-                                          if k in ("flow", "warped")})
-        lower = lambda: fwd.lower(params, b["moving"], b["fixed"], b["task_id"])
+        holder = [state]
+
+        def make_call(compiled):
+            def call():  # the state is donated, so each step feeds the next
+                holder[0], metrics = compiled(holder[0], batch)
+                return metrics
+            return call
+        return lambda: step_fn.lower(holder[0], batch), make_call
+    params = jax.jit(lambda r: model.init(r, b["moving"], b["fixed"], b["task_id"])["params"])(
+        jax.random.key(0))
+    fwd = jax.jit(lambda p, m, f, t: {k: v for k, v in model.apply({"params": p}, m, f, t).items()
+                                      if k in ("flow", "warped")})
+    return (lambda: fwd.lower(params, b["moving"], b["fixed"], b["task_id"]),
+            lambda compiled: lambda: compiled(params, b["moving"], b["fixed"], b["task_id"]))
+
+
+def port_compile_child(mode, size, args):
+    """``--aot``'s compiling process: compiles everything the measuring process will (writing
+    JAX's persistent cache, set through the environment), then exits, its heap with it."""
+    lower, _ = _port_setup(mode, size, args)
+    t = time.perf_counter()
+    lower().compile()
+    return dict(side="port-compile", mode=mode, size=size, compile_s=time.perf_counter() - t)
+
+
+def _precompile(mode, size, args):
+    """Runs :func:`port_compile_child` in its own process with a fresh persistent cache, then
+    points this process at that cache: its compiles become cache loads."""
+    import tempfile
+    from promptreg_jax import memory
+    cache_dir = tempfile.mkdtemp(prefix="promptreg-aot-")
+    cmd = _child_cmd(sys.executable, "port-compile", mode, size, args)
+    r = memory.run_measured(cmd, env=dict(os.environ, **memory.compilation_cache_env(cache_dir)),
+                            timeout=args.child_timeout)
+    if r["returncode"] != 0:
+        raise RuntimeError(f"compiling process failed ({r['returncode']}): {r['output'][-2000:]}")
+    memory.use_compilation_cache(cache_dir)
+    import jax
+    events = {"cache_hits": 0, "cache_misses": 0}
+
+    def count(name, **_):
+        key = name.rsplit("/", 1)[-1]
+        if key in events:
+            events[key] += 1
+    jax.monitoring.register_event_listener(count)
+    return dict(aot_cache_dir=cache_dir, aot_compile_process_s=r["seconds"],
+                aot_compile_process_rss_gib=r["peak_rss_gib"], aot_cache_events=events)
+
+
+def port_child(mode, size, args):
+    import jax
+    aot = _precompile(mode, size, args) if args.aot else {}
+    lower, make_call = _port_setup(mode, size, args)
     before_compile = bench.run_peak_rss_gib()
     t = time.perf_counter()
     compiled = lower().compile()
     compile_s = time.perf_counter() - t
     compile_peak = bench.run_peak_rss_gib()  # high-water mark so far: includes compiling
-    if args.malloc_trim:
+    if args.clear_caches:
+        from promptreg_jax import memory
+        memory.release_compile_caches()
+    elif args.malloc_trim:
         _malloc_trim()
     reset = bench.reset_peak_rss()
-    if mode == "train":
-        holder = [state]
-
-        def call():  # the state is donated, so each step feeds the next
-            holder[0], metrics = compiled(holder[0], batch)
-            return metrics
-    else:
-        def call():
-            return compiled(params, b["moving"], b["fixed"], b["task_id"])
+    call = make_call(compiled)
     median, times, last = bench._time_calls(call, args.repeats)
     out = dict(side="port", mode=mode, size=size, median_s=median, times_s=times,
                compile_s=compile_s, rss_gib=bench.process_peak_rss_gib(),
                peak_before_compile_gib=before_compile, rss_compile_gib=compile_peak,
                run_rss_gib=bench.run_peak_rss_gib() if reset else None,
                flops=_xla_flops(compiled), remat=bool(args.remat),
-               malloc_trim=bool(args.malloc_trim), jax=jax.__version__,
-               **bench.planned_memory(compiled))
+               malloc_trim=bool(args.malloc_trim), clear_caches=bool(args.clear_caches),
+               jax=jax.__version__,
+               **aot, **bench.planned_memory(compiled))
     if mode == "train":
         out["loss"] = float(last["loss"])
+    if aot:
+        import shutil
+        shutil.rmtree(aot["aot_cache_dir"], ignore_errors=True)
     return out
 
 
@@ -379,6 +433,10 @@ def _child_cmd(python, kind, mode, size, args, config=frozenset()):
         cmd.append("--remat")
     if args.malloc_trim or "trim" in config:
         cmd.append("--malloc-trim")
+    if args.clear_caches or "clear" in config:
+        cmd.append("--clear-caches")
+    if (args.aot or "aot" in config) and kind == "port":
+        cmd.append("--aot")
     return cmd
 
 
@@ -401,6 +459,10 @@ def _describe(r):
               f"{_fmt(r.get('rss_compile_gib'), '.2f', ' GiB')}, while stepping "
               f"{_fmt(r.get('run_rss_gib'), '.2f', ' GiB')}; XLA temp plan "
               f"{_fmt(r.get('plan_temp_gib'), '.2f', ' GiB')})")
+        if r.get("aot_compile_process_s") is not None:
+            s += (f"; compiled beforehand in its own process: {r['aot_compile_process_s']:.0f} s, "
+                  f"peak RSS {r['aot_compile_process_rss_gib']:.2f} GiB, persistent cache "
+                  f"{r['aot_cache_events']}")
     else:
         s += f" ({r['threads']} threads, torch {r['torch']})"
     if r.get("loss") is not None:
@@ -421,6 +483,11 @@ def parse_args(argv=None):
     ap.add_argument("--remat", action="store_true", help="the port with model.remat=True")
     ap.add_argument("--malloc-trim", action="store_true",
                     help="port: return the compiler's freed heap to the kernel before stepping")
+    ap.add_argument("--clear-caches", action="store_true",
+                    help="port: jax.clear_caches() and malloc_trim after compiling")
+    ap.add_argument("--aot", action="store_true",
+                    help="port: compile in a separate process first and load the executables "
+                         "from JAX's persistent cache (the compiler's heap never in this process)")
     ap.add_argument("--port-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment of the port's processes (e.g. XLA_FLAGS=...)")
     ap.add_argument("--port-configs", nargs="+", default=["default"],
@@ -452,6 +519,8 @@ def main(argv=None) -> dict:
         size = args.sizes[0]
         if args.child == "parity":
             out = parity_child(size, args)
+        elif args.child == "port-compile":
+            out = port_compile_child(args.child_mode, size, args)
         elif args.child == "reference":
             out = reference_child(args.child_mode, size, args)
         else:

@@ -112,6 +112,33 @@ def test_orchestration_without_the_reference(cr, tmp_path, monkeypatch, capsys):
     assert res["reference_run"] is False
 
 
+def test_aot_option_reaches_only_the_measuring_process(cr):
+    """``aot``: the measuring port process gets --aot; the compiling process it starts does not
+    (it would start another one), but it does get the options that change what is compiled."""
+    assert cr.parse_port_config("remat+trim+aot") == {"remat", "trim", "aot"}
+    args = cr.parse_args(["--sizes", "32", "--port-configs", "remat+aot"])
+    config = args.port_configs[0][1]
+    port = cr._child_cmd("py", "port", "train", 32, args, config)
+    assert "--aot" in port and "--remat" in port
+    args.aot, args.remat = True, True  # what the measuring process parses from `port`
+    compile_cmd = cr._child_cmd("py", "port-compile", "train", 32, args)
+    assert "--aot" not in compile_cmd and "--remat" in compile_cmd
+    assert compile_cmd[compile_cmd.index("--child") + 1] == "port-compile"
+
+
+@pytest.mark.slow
+def test_aot_port_loads_every_executable_from_the_cache(tmp_path):
+    """16^3 inference with ``--aot``: the measuring process compiles nothing itself."""
+    cmd = [sys.executable, SCRIPT, "--child", "port", "--child-mode", "infer", "--sizes", "16",
+           "--repeats", "1", "--aot", "--malloc-trim"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    line = [x for x in p.stdout.splitlines() if x.startswith("BENCH_CHILD_JSON:")][-1]
+    r = json.loads(line.split(":", 1)[1])
+    assert r["aot_cache_events"]["cache_misses"] == 0 and r["aot_cache_events"]["cache_hits"] >= 2
+    assert r["aot_compile_process_rss_gib"] > 0 and not os.path.exists(r["aot_cache_dir"])
+
+
 @pytest.mark.slow
 def test_port_alone_when_the_reference_is_not_given(tmp_path):
     out = tmp_path / "compare.json"

@@ -1,0 +1,81 @@
+"""``promptreg_jax.memory``: a child's own peak RSS, and compiling in one process then loading the
+executable from JAX's persistent cache in another (no timing asserted)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+from promptreg_jax import memory
+
+
+def test_release_freed_heap_runs():
+    assert memory.release_freed_heap() in (True, False)
+
+
+def test_run_measured_reports_the_childs_own_peak():
+    # 400 MiB touched page by page: the child's peak is at least that, and not the pytest
+    # process's (which can be larger or smaller).
+    code = "b = bytearray(400 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('done', len(b))"
+    r = memory.run_measured([sys.executable, "-c", code], timeout=120)
+    assert r["returncode"] == 0 and "done 419430400" in r["output"]
+    assert 400 / 1024 <= r["peak_rss_gib"] < 400 / 1024 + 0.3
+    small = memory.run_measured([sys.executable, "-c", "import sys; sys.exit(3)"], timeout=120)
+    assert small["returncode"] == 3 and small["peak_rss_gib"] < 400 / 1024
+    slow = memory.run_measured([sys.executable, "-c", "import time; time.sleep(60)"], timeout=1)
+    assert slow["returncode"] is None and slow["seconds"] < 30
+
+
+def test_cache_settings_as_environment():
+    env = memory.compilation_cache_env("/some/dir")
+    assert env == {"JAX_COMPILATION_CACHE_DIR": "/some/dir",
+                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.0",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+_PROGRAM = """
+import jax, jax.numpy as jnp, numpy as np
+x = np.ones(4, np.float32)
+f = jax.jit(lambda x: jnp.sin(x) * 2.0 + jnp.arange(4.0))
+"""
+
+
+def test_compiled_in_one_process_loaded_in_another(tmp_path):
+    cache = str(tmp_path / "cache")
+    compile_only = _PROGRAM + "f.lower(x).compile(); print('compiled')"
+    r = memory.run_measured([sys.executable, "-c", compile_only],
+                            env=dict(os.environ, **memory.compilation_cache_env(cache)),
+                            timeout=300)
+    assert r["returncode"] == 0, r["output"]
+    # A fresh process without the environment: use_compilation_cache() alone must find the entry.
+    load = textwrap.dedent("""
+        import json, sys
+        from promptreg_jax import memory
+        memory.use_compilation_cache(sys.argv[1])
+        import jax
+        hits = []
+        jax.monitoring.register_event_listener(
+            lambda name, **kw: hits.append(name))
+    """) + _PROGRAM + "print(json.dumps(dict(events=hits, y=f(x).tolist())))"
+    p = subprocess.run([sys.executable, "-c", load, cache], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["events"].count("/jax/compilation_cache/cache_hits") == 1, out["events"]
+    assert max(abs(a - (2 * math.sin(1.0) + k)) for k, a in enumerate(out["y"])) < 1e-6
+
+
+def test_compiled_executable_survives_release_compile_caches():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    f = jax.jit(lambda x: jnp.cos(x) + 1.0)
+    compiled = f.lower(np.zeros(3, np.float32)).compile()
+    f(np.zeros(3, np.float32))
+    assert f._cache_size() == 1
+    assert memory.release_compile_caches() in (True, False)
+    assert f._cache_size() == 0  # the jit object's trace / executable cache was dropped
+    np.testing.assert_allclose(compiled(np.array([0.0, np.pi, np.pi / 2], np.float32)),
+                               [2.0, 0.0, 1.0], atol=1e-6)
