@@ -182,9 +182,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = pathlib.Path(workdir).absolute()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        # One probe file per process: processes sharing the workdir must not remove each
+        # other's (that race failed a 2-process run with "No such file or directory").
+        probe = workdir / f".write_test.{jax.process_index()}.{os.getpid()}"
         probe.write_text("ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise TrainingError(f"workdir {workdir} cannot be written: {e.strerror}") from None
     is_main = jax.process_index() == 0
