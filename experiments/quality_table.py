@@ -14,16 +14,19 @@ end-point error ``|u - u*|`` over the fixed foreground is measurable. Every pair
 ``Registrar``'s own loading and preprocessing (files on disk, canonical grids).
 
 Rows: no registration (each image's box onto the other); field IO alone from the identity (the
-classical baseline, ``field_opt.optimize_field`` through ``Registrar._refine`` without guard);
-the network; the network + weight-space IO (``instance_opt.instance_optimize``, ``--io-steps``
-at ``--io-lr``); the network + field IO with the do-no-harm guard (what ``register`` does by
-default). All instance optimisation here is unsupervised (images only, no labels), so the test
-labels only score. Columns: Dice (mean over labels), HD95 (mm, mean over labels with a finite
-value), % of voxels with a Jacobian determinant <= 0, SDlogJ, end-point error (voxels; known-field
-set), the MIND-SSC distance to the fixed image (``field_opt.mind_similarity``, lower is better)
-and seconds per pair (the method's compute after compilation: each image shape is compiled on an
-untimed first call). Cells are mean ± std over pairs; with several runs (training seeds) the
-network rows pool the pairs of every run and add ``[± std of the per-run means]``.
+classical baseline, ``field_opt.optimize_field`` through ``Registrar.refine`` without guard); the
+network; the network + weight-space IO (``instance_opt.instance_optimize``, ``--io-steps`` at
+``--io-lr``); the network + field IO with the do-no-harm guard (what ``register`` does by default:
+the network's field is field IO's starting point, ``init_mode="warm"``). On request (``--methods``)
+also "network + field IO, compose": the refinement composed with the network's field as it is
+(``init_mode="compose"``, the earlier default). All instance optimisation here is unsupervised
+(images only, no labels), so the test labels only score. Columns: Dice (mean over labels), HD95
+(mm, mean over labels with a finite value), % of voxels with a Jacobian determinant <= 0, SDlogJ,
+end-point error (voxels; known-field set), the MIND-SSC distance to the fixed image
+(``field_opt.mind_similarity``, lower is better) and seconds per pair (the method's compute after
+compilation: each image shape is compiled on an untimed first call). Cells are mean ± std over
+pairs; with several runs (training seeds) the network rows pool the pairs of every run and add ``[±
+std of the per-run means]``.
 
 ``--sweep-weight-io`` measures weight-space IO instead: per learning rate, Dice and MIND of the
 network's field after each of ``--sweep-steps`` steps (one run of max steps per pair, scored on
@@ -62,7 +65,8 @@ from promptreg_jax.registrar import Registrar  # noqa: E402
 from promptreg_jax.spatial import identity_grid  # noqa: E402
 
 METHODS = ("no registration", "field IO alone", "network", "network + weight IO",
-           "network + field IO")
+           "network + field IO", "network + field IO, compose")
+DEFAULT_METHODS = METHODS[:5]
 NETWORK_METHODS = METHODS[2:]
 COLUMNS = (("dice", "Dice", 3), ("hd95", "HD95 mm", 2), ("folded_pct", "% folded", 3),
            ("sdlogj", "SDlogJ", 3), ("epe", "EPE vox", 2), ("mind", "MIND", 4),
@@ -113,10 +117,10 @@ def known_field_pairs(folder: pathlib.Path, n: int, size: int, amplitude: float,
 def load_pair(reg: Registrar, pair: dict) -> dict:
     """The pair as the Registrar reads it: canonical volumes, network-size images, grids."""
     s = pair["spec"]
-    fixed, fmod, f_net = reg._load(s.fixed, s.fixed_frame, s.fixed_modality)
-    moving, mmod, m_net = reg._load(s.moving, s.moving_frame, s.moving_modality)
-    f_lab, _ = reg._load_label(s.fixed_label, s.fixed_frame, s.fixed, fixed)
-    m_lab, _ = reg._load_label(s.moving_label, s.moving_frame, s.moving, moving)
+    fixed, fmod, f_net = reg.load_image(s.fixed, s.fixed_frame, s.fixed_modality)
+    moving, mmod, m_net = reg.load_image(s.moving, s.moving_frame, s.moving_modality)
+    f_lab, _ = reg.load_label(s.fixed_label, s.fixed_frame, s.fixed, fixed)
+    m_lab, _ = reg.load_label(s.moving_label, s.moving_frame, s.moving, moving)
     fshape, mshape = fixed.data.shape, moving.data.shape
     identity = np.asarray(identity_grid(fshape))
     box = identity + evaluate_lib.fixed_grid_displacement(
@@ -137,7 +141,7 @@ def network_coords(reg: Registrar, params, p: dict) -> np.ndarray:
 
 def refine(reg: Registrar, coords, p: dict) -> tuple[np.ndarray, dict]:
     """Field IO (and the guard, as ``reg`` is set) from ``coords``, without labels."""
-    out = reg._refine(coords, p["identity"], p["box"], p["fixed"], p["fmod"], p["moving"],
+    out = reg.refine(coords, p["identity"], p["box"], p["fixed"], p["fmod"], p["moving"],
                       p["mmod"], None, None)
     return out["coords"], out["similarity"]
 
@@ -159,6 +163,10 @@ def run_method(method: str, reg: Registrar, field_io: Registrar, p: dict, io_ste
         coords = network_coords(reg, params, p)
     elif method == "network + field IO":
         coords, extra = refine(reg, network_coords(reg, reg.params, p), p)
+    elif method == "network + field IO, compose":
+        compose = Registrar(reg.model, reg.params, reg.meta, field_io=True, guard=True,
+                            field_io_options={"init_mode": "compose"})
+        coords, extra = refine(compose, network_coords(reg, reg.params, p), p)
     else:
         raise ValueError(method)
     return coords, time.perf_counter() - t, extra
@@ -198,7 +206,7 @@ def warm_up(regs, field_io, pairs, io_steps, io_lr, methods):
     """Compiles every program on an untimed first call: the network per run, weight IO once,
     the field resampling and field IO once per fixed-image shape."""
     for reg in regs:
-        reg._warm_up()
+        reg.warm_up()
     if "network + weight IO" in methods and io_steps:
         p = pairs[0]
         instance_optimize(regs[0].model, regs[0].params, p["m_net"], p["f_net"], 1, io_lr,
@@ -279,7 +287,7 @@ def sweep(args, runs, pairs) -> dict:
     run = runs[0]
     reg = Registrar(run["model"], run["params"], run["meta"], field_io=False, guard=False)
     loaded = [load_pair(reg, p) for p in pairs]
-    reg._warm_up()
+    reg.warm_up()
     checkpoints = sorted(set(args.sweep_steps))
     rows = []
     for p in loaded:
@@ -334,7 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--io-steps", type=int, default=20, help="weight IO steps")
     p.add_argument("--io-lr", type=float, default=None,
                    help="weight IO learning rate (default: instance_optimize's)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--sweep-weight-io", action="store_true")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
     p.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 25, 50])

@@ -4,8 +4,8 @@
         --out DIR [--moving-label L] [--fixed-label L] [--fixed-modality ct|mr]
         [--moving-modality ct|mr] [--fixed-frame N] [--moving-frame N]
         [--io-steps N] [--io-lr 1e-4] [--io-smooth W] [--io-dice W] [--no-field-io]
-        [--field-io-smooth W] [--field-io-max-voxels N] [--no-guard] [--no-qc] [--quiet]
-        [--overwrite] [--allow-older-checkpoint]
+        [--field-io-smooth W] [--field-io-max-voxels N] [--field-io-init warm|compose]
+        [--no-guard] [--no-qc] [--quiet] [--overwrite] [--allow-older-checkpoint]
     python -m promptreg_jax.register --pairs pairs.csv (--workdir RUN | --checkpoint PATH) --out DIR
 
 ``pairs.csv`` has columns ``fixed, moving`` and optionally ``fixed_label, moving_label,
@@ -128,6 +128,10 @@ def _parser():
                    help="field IO diffusion weight (default: field_opt.DEFAULTS)")
     p.add_argument("--field-io-max-voxels", type=int, default=None,
                    help="field IO works on the fixed grid scaled down to at most this many voxels")
+    p.add_argument("--field-io-init", choices=("warm", "compose"), default="warm",
+                   help="warm (default): the network's field is field IO's starting point and is "
+                        "smoothed with it; compose: field IO refines on top of the network's "
+                        "field, which is kept as it is")
     p.add_argument("--no-guard", action="store_true",
                    help="hand back the registration even where its MIND distance to the fixed "
                         "image is worse than no registration's")
@@ -156,7 +160,7 @@ def pairs_from_args(args) -> list[PairSpec]:
 
 
 def field_io_options(args) -> dict:
-    out = {}
+    out = {"init_mode": args.field_io_init}
     if args.field_io_smooth is not None:
         if not args.field_io_smooth >= 0:
             raise ValueError(f"--field-io-smooth {args.field_io_smooth} must be >= 0")

@@ -77,6 +77,9 @@ class Registrar:
         self.model, self.params, self.meta = model, params, meta
         self.step, self.checkpoint = step, checkpoint
         self.field_io, self.field_io_options = bool(field_io), dict(field_io_options or {})
+        init_mode = self.field_io_options.get("init_mode", "warm")
+        if init_mode not in ("warm", "compose"):
+            raise ValueError(f"field IO init_mode must be 'warm' or 'compose', got {init_mode!r}")
         self.guard = bool(guard)
         config = meta.get("config") or {}
         data = config.get("data", {})
@@ -101,7 +104,7 @@ class Registrar:
     def model_description(self) -> str:
         return f"step {self.step}" if self.step is not None else "unknown step"
 
-    def _warm_up(self):
+    def warm_up(self):
         """Compiles the network once, outside the timed part of the first pair."""
         import jax
         if not self._compiled:
@@ -111,14 +114,18 @@ class Registrar:
             self._compiled = True
 
     # -- preprocessing (as in training) --------------------------------------------------------
-    def _load(self, path, frame, modality):
+    def load_image(self, path, frame, modality):
+        """``(canonical volume, modality, network-size image (1, X, Y, Z, 1))`` of one file, as
+        ``register`` reads it (the modality guessed from intensities when not given)."""
         from promptreg_jax.data.preprocess import load_image, normalize, resize_image
         vol = load_image(path, frame)
         modality = modality or guess_modality(vol.data)
         net = resize_image(normalize(vol.data, modality, self.norm_mode), self.image_size)
         return vol, modality, np.asarray(net, np.float32)[None, ..., None]
 
-    def _load_label(self, path, frame, image_path, image_vol):
+    def load_label(self, path, frame, image_path, image_vol):
+        """``(canonical label volume, network-size labels (1, X, Y, Z))``, or ``(None, None)``
+        without a path; the label must lie on its image's grid."""
         from promptreg_jax.data.preprocess import check_same_grid, load_label, resize_label
         if path is None:
             return None, None
@@ -134,13 +141,13 @@ class Registrar:
 
         out_dir = pathlib.Path(out_dir)
         name = name or unique_names([pair])[0]
-        fixed, fmod, f_net = self._load(pair.fixed, pair.fixed_frame, pair.fixed_modality)
-        moving, mmod, m_net = self._load(pair.moving, pair.moving_frame, pair.moving_modality)
-        f_lab, f_lab_net = self._load_label(pair.fixed_label, pair.fixed_frame, pair.fixed, fixed)
-        m_lab, m_lab_net = self._load_label(pair.moving_label, pair.moving_frame, pair.moving,
+        fixed, fmod, f_net = self.load_image(pair.fixed, pair.fixed_frame, pair.fixed_modality)
+        moving, mmod, m_net = self.load_image(pair.moving, pair.moving_frame, pair.moving_modality)
+        f_lab, f_lab_net = self.load_label(pair.fixed_label, pair.fixed_frame, pair.fixed, fixed)
+        m_lab, m_lab_net = self.load_label(pair.moving_label, pair.moving_frame, pair.moving,
                                             moving)
 
-        self._warm_up()
+        self.warm_up()
         t0 = time.perf_counter()
         params = self.params
         if self.io_steps:
@@ -158,7 +165,7 @@ class Registrar:
         coords = identity + d
         box = identity + evaluate_lib.fixed_grid_displacement(  # no registration
             np.zeros((*self.image_size, 3), np.float32), fshape, mshape)
-        refined = self._refine(coords, identity, box, fixed, fmod, moving, mmod, f_lab, m_lab)
+        refined = self.refine(coords, identity, box, fixed, fmod, moving, mmod, f_lab, m_lab)
         coords, similarity = refined["coords"], refined["similarity"]
         runtime = time.perf_counter() - t0
         warped = evaluate_lib.sample_at(moving.data, coords, order=1)
@@ -194,15 +201,21 @@ class Registrar:
         row["files"] = {k: str(v) for k, v in files.items()}
         return row
 
-    def _refine(self, coords, identity, box, fixed, fmod, moving, mmod, f_lab, m_lab) -> dict:
+    def refine(self, coords, identity, box, fixed, fmod, moving, mmod, f_lab, m_lab) -> dict:
         """Field instance optimisation on the fixed grid (``field_io``) and the do-no-harm guard.
 
-        The moving image, normalised as in training, is pulled through the network's map onto the
-        fixed grid; ``field_opt.optimize_field`` finds a refinement ``w`` there (MIND-SSC +
-        diffusion, + soft Dice with both labels), and the map becomes ``y + w + d(y + w)``. The
-        guard then compares the MIND distance to the fixed image after registration with that of
-        no registration (each image's box onto the other) and hands back the latter when the
-        registration made it worse. Returns the coordinates and ``mind_before``/``mind_after``.
+        ``field_opt.optimize_field`` (MIND-SSC + diffusion, + soft Dice with both labels) runs on
+        the fixed grid, with the moving image normalised as in training. With ``init_mode``
+        ``"warm"`` (the default) the moving image is brought onto the fixed grid by the box map
+        alone (each image's extent onto the other, ``box(y) = s * y``) and the network's map,
+        written as a displacement ``u0 = (coords - box) / s`` in fixed voxels, is the starting
+        velocity; the optimised field ``u`` is the whole map, ``box(y + u(y))``, so the diffusion
+        term smooths the network's field too. With ``"compose"`` the moving image is pulled
+        through the network's map first and the refinement ``w`` is composed with it:
+        ``y + w + d(y + w)`` (the network's field is kept as it is, roughness included).
+        The guard then compares the MIND distance to the fixed image after registration with that
+        of no registration and hands back the latter when the registration made it worse.
+        Returns the coordinates and ``mind_before``/``mind_after``.
         """
         from promptreg_jax import field_opt
         from promptreg_jax.data.preprocess import normalize
@@ -211,15 +224,26 @@ class Registrar:
         fix_n = normalize(fixed.data, fmod, self.norm_mode)
         mov_n = normalize(moving.data, mmod, self.norm_mode)
         if self.field_io:
+            options = dict(self.field_io_options)
+            warm = options.pop("init_mode", "warm") == "warm"
             both = f_lab is not None and m_lab is not None
-            m0 = evaluate_lib.sample_at(mov_n, coords, order=1)
-            lab0 = evaluate_lib.sample_at(m_lab.data, coords, order=0) if both else None
-            w = np.asarray(field_opt.optimize_field(
-                m0, fix_n, moving_label=lab0, fixed_label=f_lab.data if both else None,
-                **self.field_io_options))[0]
-            d = coords - identity
-            d_at = np.asarray(sample(d[None], (identity + w)[None], order=1))[0]
-            coords = identity + w + d_at
+            start = box if warm else coords
+            m0 = evaluate_lib.sample_at(mov_n, start, order=1)
+            lab0 = evaluate_lib.sample_at(m_lab.data, start, order=0) if both else None
+            labels = dict(moving_label=lab0, fixed_label=f_lab.data if both else None)
+            if warm:
+                # box(y) = s * y (align-corners extents), so box(y + u) = box(y) + s * u.
+                s = ((np.asarray(moving.data.shape, np.float32) - 1)
+                     / np.maximum(np.asarray(fixed.data.shape, np.float32) - 1, 1))
+                u0 = ((coords - box) / s).astype(np.float32)
+                u = np.asarray(field_opt.optimize_field(
+                    m0, fix_n, init_disp=u0, init_mode="warm", **labels, **options))[0]
+                coords = box + u * s
+            else:
+                w = np.asarray(field_opt.optimize_field(m0, fix_n, **labels, **options))[0]
+                d = coords - identity
+                d_at = np.asarray(sample(d[None], (identity + w)[None], order=1))[0]
+                coords = identity + w + d_at
         after = field_opt.mind_similarity(evaluate_lib.sample_at(mov_n, coords, 1), fix_n)
         before = field_opt.mind_similarity(evaluate_lib.sample_at(mov_n, box, 1), fix_n)
         similarity = {"mind_before": before, "mind_after": after, "guard": ""}

@@ -414,3 +414,24 @@ def test_guard_hands_back_no_registration_when_mind_gets_worse(run, loaded, tmp_
     assert row["guard"] and row["mind_after"] == row["mind_before"]
     disp = nib.load(row["files"]["disp"]).get_fdata()
     assert np.abs(disp).max() < 1.5  # the box map of two same-size images: (near) identity
+
+
+def test_field_io_compose_mode_writes_a_consistent_field(run, loaded, tmp_path):
+    """``--field-io-init compose`` (refine on top of the network's field; warm is the default,
+    covered by the CLI test above): the written field pulls the moving label onto the written
+    warped label, across grids of different shapes. A bad mode is one clear error."""
+    _, data = run
+    model, params, meta, _ = loaded
+    registrar = register.Registrar(model, params, meta, qc=False, field_io=True, guard=False,
+                                   field_io_options={"init_mode": "compose",
+                                                     "steps": (2, 2, 2)})
+    pair = register.PairSpec(_img(data, "Brain", "brain_000"), _img(data, "Hip", "hip_001"),
+                             _lab(data, "Brain", "brain_000"), _lab(data, "Hip", "hip_001"))
+    row = registrar.register(pair, tmp_path, "c")
+    u = nib.load(row["files"]["disp"]).get_fdata()
+    coords = np.indices(u.shape[:3]) + np.moveaxis(u, -1, 0)
+    pulled = ndimage.map_coordinates(np.asarray(nib.load(pair.moving_label).dataobj), coords,
+                                     order=0, mode="constant", cval=0)
+    assert np.mean(pulled == np.asarray(nib.load(row["files"]["warped_label"]).dataobj)) > 0.99
+    with pytest.raises(ValueError, match="init_mode must be 'warm' or 'compose'"):
+        register.Registrar(model, params, meta, field_io_options={"init_mode": "start"})
