@@ -116,12 +116,29 @@ def find_checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
+class _NoItemMetadataWarning(logging.Filter):
+    """Orbax looks for step-level metadata inside an item folder read on its own and logs
+    "Metadata file does not exist" (it lives one level up); harmless, so not shown to users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
 def _restore_on_host(step_dir: pathlib.Path):
     """``(state, meta)`` of one step folder, every array restored as numpy on the host.
 
     Reading against the saved tree itself (not a sharded target) lets a checkpoint written on N
     devices load in a process with any number of devices.
     """
+    quiet = _NoItemMetadataWarning()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        return _restore_item_on_host(step_dir)
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+def _restore_item_on_host(step_dir: pathlib.Path):
     ck = ocp.PyTreeCheckpointer()
     tree = ck.metadata(step_dir / "state").item_metadata
     tree = dict(getattr(tree, "tree", tree))
