@@ -108,7 +108,7 @@ ADAM_EPS = 0.1
 DEFAULTS = dict(levels=(4, 2, 1), steps=(80, 40, 10), lr=(1.0, 0.5, 0.25), smooth=2.0,
                 field_factor=2, int_steps=6, dice_weight=1.0, max_voxels=96 ** 3,
                 adam_eps=ADAM_EPS)
-INIT_MODES = ("compose", "warm")
+INIT_MODES = ("warm", "compose")  # register uses warm; the function keeps compose by default
 TRACE_COUNT = {"level": 0}  # incremented each time the level function is traced (tests use it)
 
 

@@ -62,6 +62,7 @@ import sys
 from promptreg_jax.cli import ArgumentParser, add_checkpoint_args, run_cli
 from promptreg_jax.data.domains import MODALITIES
 from promptreg_jax.data.pair_list import PairSpec, read_pair_list
+from promptreg_jax.field_opt import INIT_MODES
 from promptreg_jax.instance_opt import DEFAULT_LR as DEFAULT_IO_LR
 from promptreg_jax.registrar import (SUMMARY, Registrar, check_all, prepare_output,
                                      register_pairs)
@@ -128,7 +129,7 @@ def _parser():
                    help="field IO diffusion weight (default: field_opt.DEFAULTS)")
     p.add_argument("--field-io-max-voxels", type=int, default=None,
                    help="field IO works on the fixed grid scaled down to at most this many voxels")
-    p.add_argument("--field-io-init", choices=("warm", "compose"), default="warm",
+    p.add_argument("--field-io-init", choices=INIT_MODES, default="warm",
                    help="warm (default): the network's field is field IO's starting point and is "
                         "smoothed with it; compose: field IO refines on top of the network's "
                         "field, which is kept as it is")

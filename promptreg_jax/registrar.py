@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from promptreg_jax import evaluate_lib, metrics
+from promptreg_jax.field_opt import INIT_MODES
 from promptreg_jax.data.errors import DataError
 from promptreg_jax.instance_opt import DEFAULT_LR
 from promptreg_jax.memory import release_freed_heap
@@ -78,8 +79,9 @@ class Registrar:
         self.step, self.checkpoint = step, checkpoint
         self.field_io, self.field_io_options = bool(field_io), dict(field_io_options or {})
         init_mode = self.field_io_options.get("init_mode", "warm")
-        if init_mode not in ("warm", "compose"):
-            raise ValueError(f"field IO init_mode must be 'warm' or 'compose', got {init_mode!r}")
+        if init_mode not in INIT_MODES:
+            raise ValueError(f"field IO init_mode must be {' or '.join(map(repr, INIT_MODES))}, "
+                             f"got {init_mode!r}")
         self.guard = bool(guard)
         config = meta.get("config") or {}
         data = config.get("data", {})
