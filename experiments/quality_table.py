@@ -147,8 +147,9 @@ def refine(reg: Registrar, coords, p: dict) -> tuple[np.ndarray, dict]:
 
 
 def run_method(method: str, reg: Registrar, field_io: Registrar, p: dict, io_steps: int,
-               io_lr: float) -> tuple[np.ndarray, float, dict]:
-    """``(coords, seconds, extra)`` of one method on one loaded pair."""
+               io_lr: float, composer: Registrar | None = None) -> tuple[np.ndarray, float, dict]:
+    """``(coords, seconds, extra)`` of one method on one loaded pair (``composer``: ``reg``'s
+    network with compose-mode field IO, for "network + field IO, compose")."""
     t = time.perf_counter()
     extra = {}
     if method == "no registration":
@@ -164,9 +165,7 @@ def run_method(method: str, reg: Registrar, field_io: Registrar, p: dict, io_ste
     elif method == "network + field IO":
         coords, extra = refine(reg, network_coords(reg, reg.params, p), p)
     elif method == "network + field IO, compose":
-        compose = Registrar(reg.model, reg.params, reg.meta, field_io=True, guard=True,
-                            field_io_options={"init_mode": "compose"})
-        coords, extra = refine(compose, network_coords(reg, reg.params, p), p)
+        coords, extra = refine(composer, network_coords(reg, reg.params, p), p)
     else:
         raise ValueError(method)
     return coords, time.perf_counter() - t, extra
@@ -223,6 +222,9 @@ def warm_up(regs, field_io, pairs, io_steps, io_lr, methods):
 def quality(args, runs, pairs) -> dict:
     regs = [Registrar(r["model"], r["params"], r["meta"], field_io=True, guard=True)
             for r in runs]
+    # The same networks with field IO composed with their field ("network + field IO, compose").
+    composers = [Registrar(r["model"], r["params"], r["meta"], field_io=True, guard=True,
+                           field_io_options={"init_mode": "compose"}) for r in runs]
     field_io = Registrar(runs[0]["model"], runs[0]["params"], runs[0]["meta"], field_io=True,
                          guard=False)
     loaded = [load_pair(regs[0], p) for p in pairs]
@@ -235,7 +237,7 @@ def quality(args, runs, pairs) -> dict:
                 continue  # independent of the network: once
             for p in loaded:
                 coords, secs, extra = run_method(method, reg, field_io, p, args.io_steps,
-                                                 args.io_lr)
+                                                 args.io_lr, composers[r])
                 row = dict(score(coords, p), method=method, set=p["set"], run=run["path"],
                            seconds=secs, pair=os.path.basename(p["spec"].moving) + " -> "
                            + os.path.basename(p["spec"].fixed), guard=extra.get("guard", ""))

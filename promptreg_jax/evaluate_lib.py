@@ -26,6 +26,14 @@ def fixed_grid_displacement(flow_net, fixed_shape, moving_shape) -> np.ndarray:
                                     moving_shape=moving_shape))[0]
 
 
+def box_scale(fixed_shape, moving_shape) -> np.ndarray:
+    """Moving voxels per fixed voxel along each axis of the box map, each image's extent onto the
+    other (align-corners): fixed voxel ``y`` lies at moving voxel ``s * y`` without registration,
+    so a map ``coords`` is the fixed-grid displacement ``(coords - s * y) / s``."""
+    return ((np.asarray(moving_shape, np.float32) - 1)
+            / np.maximum(np.asarray(fixed_shape, np.float32) - 1, 1))
+
+
 def sample_at(volume, coords, order: int = 1) -> np.ndarray:
     """``volume (X', Y', Z')`` sampled at ``coords (X, Y, Z, 3)`` (order 1 linear, 0 nearest)."""
     dtype = np.int32 if order == 0 else np.float32

@@ -194,8 +194,8 @@ class Registrar:
             files["qc"] = out_dir / f"qc_{name}.png"
             # The final map's displacement in fixed voxels (the moving extent scaled onto the
             # fixed grid, as the box map does), whose in-plane part bends the drawn grid.
-            scale = (np.asarray(fshape) - 1) / np.maximum(np.asarray(mshape) - 1, 1)
-            grid_disp = ((coords - box) * scale).astype(np.float32)
+            grid_disp = ((coords - box) / evaluate_lib.box_scale(fshape, mshape)).astype(
+                np.float32)
             qc_figure(files["qc"], fixed.data, moving.data, warped, grid_disp,
                       fixed.spacing, moving.spacing, warped_label=warped_label,
                       fixed_label=None if f_lab is None else f_lab.data,
@@ -235,8 +235,7 @@ class Registrar:
             labels = dict(moving_label=lab0, fixed_label=f_lab.data if both else None)
             if warm:
                 # box(y) = s * y (align-corners extents), so box(y + u) = box(y) + s * u.
-                s = ((np.asarray(moving.data.shape, np.float32) - 1)
-                     / np.maximum(np.asarray(fixed.data.shape, np.float32) - 1, 1))
+                s = evaluate_lib.box_scale(fixed.data.shape, moving.data.shape)
                 u0 = ((coords - box) / s).astype(np.float32)
                 u = np.asarray(field_opt.optimize_field(
                     m0, fix_n, init_disp=u0, init_mode="warm", **labels, **options))[0]
