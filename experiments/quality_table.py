@@ -220,13 +220,14 @@ def warm_up(regs, field_io, pairs, io_steps, io_lr, methods):
 
 
 def quality(args, runs, pairs) -> dict:
-    regs = [Registrar(r["model"], r["params"], r["meta"], field_io=True, guard=True)
-            for r in runs]
+    fio = {} if args.field_io_smooth is None else {"smooth": args.field_io_smooth}
+    regs = [Registrar(r["model"], r["params"], r["meta"], field_io=True, guard=True,
+                      field_io_options=fio) for r in runs]
     # The same networks with field IO composed with their field ("network + field IO, compose").
     composers = [Registrar(r["model"], r["params"], r["meta"], field_io=True, guard=True,
-                           field_io_options={"init_mode": "compose"}) for r in runs]
+                           field_io_options=dict(fio, init_mode="compose")) for r in runs]
     field_io = Registrar(runs[0]["model"], runs[0]["params"], runs[0]["meta"], field_io=True,
-                         guard=False)
+                         guard=False, field_io_options=fio)
     loaded = [load_pair(regs[0], p) for p in pairs]
     methods = [m for m in METHODS if m in args.methods]
     warm_up(regs, field_io, loaded, args.io_steps, args.io_lr, methods)
@@ -248,7 +249,7 @@ def quality(args, runs, pairs) -> dict:
                       f"{secs:.2f} s {row['guard']}  load {os.getloadavg()[0]:.1f}", flush=True)
     return dict(rows=rows, runs=[dict(path=r["path"], step=r["step"]) for r in runs],
                 options=dict(io_steps=args.io_steps, io_lr=args.io_lr,
-                             field_io=field_opt.DEFAULTS, amplitude=args.amplitude))
+                             field_io=dict(field_opt.DEFAULTS, **fio), amplitude=args.amplitude))
 
 
 def _cell(values_by_run: list[list[float]], digits: int) -> str:
@@ -345,6 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--io-lr", type=float, default=None,
                    help="weight IO learning rate (default: instance_optimize's)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    p.add_argument("--field-io-smooth", type=float, default=None,
+                   help="field IO's diffusion weight (default: field_opt's)")
     p.add_argument("--sweep-weight-io", action="store_true")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
     p.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 25, 50])
