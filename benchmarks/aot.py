@@ -19,7 +19,9 @@ this CPU host.
 Printed per device (an SPMD program is the same on every device): fits or not, peak bytes,
 argument/output/temporary bytes, FLOPs and bytes accessed (XLA's cost analysis), a roofline step
 time ``max(FLOPs / peak FLOP/s, bytes / HBM bandwidth)`` from the figures in ``TARGETS`` below,
-and the compile seconds. The last line starts ``verdict: fits`` or ``verdict: does not fit``.
+and the compile seconds; with ``--compile-profile`` also where the compile time went (the HLO
+passes, the backend, the slowest passes; from XLA's and libtpu's own timing logs, captured during
+the compile). The last line starts ``verdict: fits`` or ``verdict: does not fit``.
 Exit code 0 in both cases; 2 when it could not compile or measure (one line says why).
 
 Installs (optional extras, never runtime requirements):
@@ -38,6 +40,7 @@ figures, not predictions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -213,6 +216,61 @@ def _remat_word(remat) -> str:
     return {False: "off", True: "on"}.get(remat, str(remat))
 
 
+_TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def _seconds(text: str) -> float:
+    """``"21.12s"``, ``"4m38.9s"``, ``"980.3ms"`` -> seconds."""
+    total = 0.0
+    for value, unit in re.findall(r"([\d.]+)\s*(ns|us|ms|m|h|s)(?![a-z])", text):
+        total += float(value) * {"m": 60.0, "h": 3600.0}.get(unit, _TIME_UNITS.get(unit, 0.0))
+    return total
+
+
+def parse_compile_log(text: str, top: int = 6) -> dict:
+    """XLA's own timing lines (``--compile-profile``) -> ``{"hlo_passes_s", "passes", "stages"}``.
+
+    ``passes``: the ``top`` slowest HLO passes as ``[name, seconds, calls]`` (each pass's time
+    summed over its runs); ``hlo_passes_s``: all passes together (the optimisation pipeline;
+    the rest of a compile is the backend: LLVM on CPU, the LLO passes and code generation on
+    TPU); ``stages``: libtpu's stage durations (HLO_PASSES, BACKEND_PASSES, CODE_GENERATION,
+    END_TO_END) in seconds where the log has them.
+    """
+    per, calls = {}, {}
+    for name, value, unit in re.findall(
+            r"HLO pass: (\S+) time: ([\d.]+) ?(ns|us|ms|s)\b", text):
+        per[name] = per.get(name, 0.0) + float(value) * _TIME_UNITS[unit]
+        calls[name] = calls.get(name, 0) + 1
+    stages = {}
+    for name, value in re.findall(r"\b([A-Z_]+) stage duration: ([\d.hms]+)", text):
+        stages[name] = stages.get(name, 0.0) + _seconds(value)
+    ranked = sorted(per.items(), key=lambda kv: -kv[1])[:top]
+    return dict(hlo_passes_s=sum(per.values()) if per else None, stages=stages,
+                passes=[[k, v, calls[k]] for k, v in ranked])
+
+
+class _CapturedStderr:
+    """Redirects file descriptor 2 (where XLA and libtpu log) to a temporary file; ``.text``."""
+
+    def __enter__(self):
+        import tempfile
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        self.text = ""
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+        return False
+
+
 def fmt_bytes(b, unit="GiB"):
     if b is None:
         return "n/a"
@@ -229,7 +287,9 @@ def format_report(r: dict) -> str:
         + f", mesh {r['mesh']}",
         f"program     {r['what']} at {'x'.join(map(str, r['size']))}, global batch {r['batch']}, "
         f"{r['dtype']}, remat {_remat_word(r['remat'])}, conv {r['conv_impl']}, "
-        f"sampler {r['sampler']}, config {r['config']}",
+        f"sampler {r['sampler']}"
+        + (f", schedule {','.join(map(str, r['schedule']))}" if r.get("schedule") else "")
+        + f", config {r['config']}",
     ]
     v = r["verdict"]
     per = "each device" if r["devices"] > 1 else "device 0"
@@ -263,6 +323,21 @@ def format_report(r: dict) -> str:
     lines.append(f"  compile   {r['compile_s']:.0f} s"
                  + (f" (+{r['cost_compile_s']:.0f} s for the cost compile)"
                     if r.get("cost_compile_s") else ""))
+    prof = r.get("compile_profile")
+    if prof is not None:
+        if prof["hlo_passes_s"] is None:
+            lines.append("  profile   no pass timings in the compile log (set --compile-profile "
+                         "on the command line, before jax starts)")
+        else:
+            stages = prof["stages"]
+            backend = (f"backend {stages['BACKEND_PASSES']:.0f} s, code generation "
+                       f"{stages.get('CODE_GENERATION', 0):.0f} s"
+                       if "BACKEND_PASSES" in stages else
+                       f"the rest (backend, code generation) "
+                       f"{max(r['compile_s'] - prof['hlo_passes_s'], 0):.0f} s")
+            lines.append(f"  profile   HLO passes {prof['hlo_passes_s']:.0f} s, {backend}; "
+                         "slowest passes: " + ", ".join(f"{n} {t:.1f} s" for n, t, _ in
+                                                        prof["passes"]))
     need = fmt_bytes(v["needed"])
     lines.append(("verdict: fits" if v["fits"] else "verdict: does not fit")
                  + f" ({r['what']}, {'x'.join(map(str, r['size']))}, {r['dtype']}, "
@@ -411,6 +486,14 @@ def measure(args) -> dict:
         config.model.remat = args.remat
     if args.conv_impl:
         config.model.conv_impl = args.conv_impl
+    if args.schedule:
+        try:
+            sched = tuple(int(x) for x in args.schedule.split(","))
+        except ValueError:
+            sched = ()
+        if len(sched) != 4 or min(sched) < 1:
+            raise AotError(f"--schedule {args.schedule!r}: give 4 counts >= 1, e.g. 2,2,3,1")
+        config.model.schedule = sched
     batch = args.batch or mesh_axes["data"]
     if batch % mesh_axes["data"]:
         raise AotError(f"--batch {batch} must be a multiple of data={mesh_axes['data']}")
@@ -436,19 +519,24 @@ def measure(args) -> dict:
                       what=args.what, size=list(size), batch=batch,
                       dtype=str(config.model.dtype), remat=_remat_setting(config.model.remat),
                       conv_impl=conv_resolved, sampler=sampler_resolved,
+                      schedule=[int(x) for x in config.model.schedule],
                       config=os.path.relpath(args.config, REPO) if os.path.isabs(args.config)
                       else args.config)
         capacity = args.capacity_gib * GIB if args.capacity_gib else target.memory_bytes
         if target.platform == "cpu" and not capacity:
             capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        capture = _CapturedStderr() if args.compile_profile else contextlib.nullcontext()
         try:
-            compiled = lowered.compile()
+            with capture:
+                compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - XLA raises its own types
             msg = str(e)
             needed, available = parse_resource_exhausted(msg)
             if "RESOURCE_EXHAUSTED" not in msg or needed is None:
                 raise AotError(f"compile failed: {msg.strip().splitlines()[0][:300]}") from None
             result["compile_s"] = time.perf_counter() - t0
+            if args.compile_profile:
+                result["compile_profile"] = parse_compile_log(capture.text)
             result["verdict"] = fit_verdict(None, available or capacity, needed_bytes=needed)
             result["error_needed_bytes"] = needed
             result["error_line"] = "RESOURCE_EXHAUSTED at compile"
@@ -466,6 +554,8 @@ def measure(args) -> dict:
             result["roofline"] = roofline(result.get("flops"), None, target, result["dtype"])
             return result
         result["compile_s"] = time.perf_counter() - t0
+        if args.compile_profile:
+            result["compile_profile"] = parse_compile_log(capture.text)
         result["memory"] = _memory(compiled, target.platform)
         flops, nbytes = _cost(compiled)
         if flops is None and target.platform == "gpu" and args.gpu_cost == "cpu":
@@ -501,12 +591,18 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", default="data=1", help="data=N[,space=M] (devices = N*M)")
     p.add_argument("--batch", type=int, default=0, help="global batch (default: data size)")
     p.add_argument("--conv-impl", choices=("auto", "native", "depth_sum"), default=None)
+    p.add_argument("--schedule", default=None,
+                   help="the decoder's estimates per level, 1/8 to 1 (default: the config's, "
+                        "2,2,3,1)")
     p.add_argument("--sampler", choices=("auto", "scatter", "cells", "gather", "mixed"),
                    default=None,
                    help="trilinear sampler form (auto: scatter on cpu, cells on TPU/GPU)")
     p.add_argument("--topology", default=None, help="override, e.g. v5e:2x2 or 1x1x4 (GPU)")
     p.add_argument("--capacity-gib", type=float, default=None, help="override device memory")
     p.add_argument("--gpu-cost", choices=("cpu", "none"), default="cpu")
+    p.add_argument("--compile-profile", action="store_true",
+                   help="time the compiler's passes (XLA's and libtpu's own logs) and report "
+                        "where the compile time goes")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--list", action="store_true", help="print the targets and exit")
     args = p.parse_args(argv)
@@ -544,6 +640,13 @@ def _setup_env(argv):
         n = m["data"] * m["space"]
     except AotError:
         n = 1
+    if "--compile-profile" in argv:  # XLA's pass timings: read at start-up, so set them here
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        vmodule = os.environ.get("TF_CPP_VMODULE", "")
+        os.environ["TF_CPP_VMODULE"] = ",".join(x for x in (vmodule, "hlo_pass_pipeline=1") if x)
+        tpu_args = os.environ.get("LIBTPU_INIT_ARGS", "")
+        os.environ["LIBTPU_INIT_ARGS"] = (f"{tpu_args} --vmodule=hlo_pass_pipeline=1 "
+                                          "--logtostderr --stderrthreshold=0").strip()
     flags = os.environ.get("XLA_FLAGS", "")
     if n > 1 and "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()

@@ -68,6 +68,33 @@ def test_resource_exhausted_message_is_parsed():
     assert aot.parse_resource_exhausted("something else") == (None, None)
 
 
+def test_compile_log_is_parsed():
+    # Lines as XLA:CPU and libtpu print them with --compile-profile (abridged).
+    log = "\n".join([
+        "I1202 22:43:00.1 1 hlo_pass_pipeline.cc:176] HLO pass: layout-assignment time: 5.0 s "
+        "(5 s) (cumulative: 9 s, max: 5 s, #called: 1)",
+        "I1202 22:43:00.2 1 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 300 ms (0.3 s)",
+        "I1202 22:43:00.3 1 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 500 ms (0.5 s)",
+        "I1202 22:43:00.4 1 hlo_pass_pipeline.cc:176] HLO pass: dce time: 8 us (8 us)",
+        "I1202 22:43:21.8 1 deepsea_compiler_hlo_passes.cc:6241] HLO_PASSES stage duration: "
+        "21.124787125s",
+        "I1202 22:48:02.1 1 deepsea_compiler_base.cc:3931] BACKEND_PASSES stage duration: "
+        "4m38.9455006s",
+        "I1202 22:48:28.0 1 deepsea_compiler_backend.cc:1488] CODE_GENERATION stage duration: "
+        "25.856677374ms",
+        "W1202 22:45:26.7 1 lowering_emitter.cc:6105] HLO: unrelated line",
+    ])
+    prof = aot.parse_compile_log(log, top=2)
+    assert prof["hlo_passes_s"] == pytest.approx(5.8 + 8e-6)
+    assert prof["passes"] == [["layout-assignment", pytest.approx(5.0), 1],
+                              ["algsimp", pytest.approx(0.8), 2]]
+    assert prof["stages"]["HLO_PASSES"] == pytest.approx(21.124787125)
+    assert prof["stages"]["BACKEND_PASSES"] == pytest.approx(278.9455006)
+    assert prof["stages"]["CODE_GENERATION"] == pytest.approx(0.025856677374)
+    empty = aot.parse_compile_log("no timings here")
+    assert empty == {"hlo_passes_s": None, "stages": {}, "passes": []}
+
+
 def test_topology_names_and_mesh_parsing():
     assert aot.tpu_topology(aot.TARGETS["tpu:v5e"], 1) == "v5e:1x1"
     assert aot.tpu_topology(aot.TARGETS["tpu:v5e"], 4) == "v5e:2x2"
@@ -109,6 +136,17 @@ def test_report_ends_with_the_verdict_line():
                    error_needed_bytes=30.2 * GIB, bytes_accessed=None)
     last = aot.format_report(over).splitlines()[-1]
     assert last.startswith("verdict: does not fit") and "30.20 GiB" in last
+    tpu = _result(compile_s=330.0, compile_profile={
+        "hlo_passes_s": 20.4, "passes": [["layout-assignment", 5.0, 1]],
+        "stages": {"HLO_PASSES": 21.1, "BACKEND_PASSES": 278.9, "CODE_GENERATION": 25.9}})
+    line = [x for x in aot.format_report(tpu).splitlines() if x.strip().startswith("profile")][0]
+    assert "HLO passes 20 s, backend 279 s, code generation 26 s" in line
+    assert "layout-assignment 5.0 s" in line
+    cpu = _result(compile_s=30.0, compile_profile={"hlo_passes_s": 4.0, "passes": [],
+                                                   "stages": {}})
+    assert "the rest (backend, code generation) 26 s" in aot.format_report(cpu)
+    none = _result(compile_profile={"hlo_passes_s": None, "passes": [], "stages": {}})
+    assert "no pass timings" in aot.format_report(none)
 
 
 def test_missing_libtpu_is_one_line_and_exit_code_2(monkeypatch, capsys):
