@@ -216,15 +216,13 @@ def _remat_word(remat) -> str:
     return {False: "off", True: "on"}.get(remat, str(remat))
 
 
-_TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+_TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _seconds(text: str) -> float:
-    """``"21.12s"``, ``"4m38.9s"``, ``"980.3ms"`` -> seconds."""
-    total = 0.0
-    for value, unit in re.findall(r"([\d.]+)\s*(ns|us|ms|m|h|s)(?![a-z])", text):
-        total += float(value) * {"m": 60.0, "h": 3600.0}.get(unit, _TIME_UNITS.get(unit, 0.0))
-    return total
+    """``"21.12s"``, ``"4m38.9s"``, ``"980.3ms"``, ``"8 us"`` -> seconds."""
+    return sum(float(value) * _TIME_UNITS[unit] for value, unit in
+               re.findall(r"([\d.]+)\s*(ns|us|ms|m|h|s)(?![a-z])", text))
 
 
 def parse_compile_log(text: str, top: int = 6) -> dict:
@@ -237,9 +235,8 @@ def parse_compile_log(text: str, top: int = 6) -> dict:
     END_TO_END) in seconds where the log has them.
     """
     per, calls = {}, {}
-    for name, value, unit in re.findall(
-            r"HLO pass: (\S+) time: ([\d.]+) ?(ns|us|ms|s)\b", text):
-        per[name] = per.get(name, 0.0) + float(value) * _TIME_UNITS[unit]
+    for name, value in re.findall(r"HLO pass: (\S+) time: ([\d.]+ ?(?:ns|us|ms|s))\b", text):
+        per[name] = per.get(name, 0.0) + _seconds(value)
         calls[name] = calls.get(name, 0) + 1
     stages = {}
     for name, value in re.findall(r"\b([A-Z_]+) stage duration: ([\d.hms]+)", text):
