@@ -90,3 +90,57 @@ def test_compiled_executable_survives_release_compile_caches():
     assert f._cache_size() == 0  # the jit object's trace / executable cache was dropped
     np.testing.assert_allclose(compiled(np.array([0.0, np.pi, np.pi / 2], np.float32)),
                                [2.0, 0.0, 1.0], atol=1e-6)
+
+
+class _ToyModel:
+    """Stands in for the network in ``evaluate_lib.predict_fn``: six independent branches whose
+    results are combined one after another, so the operation order decides the peak."""
+
+    @staticmethod
+    def apply(variables, moving, fixed, task_id):
+        import jax.numpy as jnp
+        x = moving + variables["params"]["w"] * fixed
+        ys = [jnp.sin(x * (i + 1)) @ x for i in range(6)]
+        out = ys[0]
+        for y in ys[1:]:
+            out = jnp.tanh(out @ y)
+        return {"flow": out, "prompt_weights": jnp.sum(out, keepdims=True)}
+
+
+def test_cpu_compiler_options_follow_platform_and_environment(monkeypatch):
+    from promptreg_jax import conv
+    monkeypatch.delenv(memory.SCHEDULER_ENV, raising=False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    want = {memory.CPU_SCHEDULER_OPTION: memory.CPU_MEMORY_SCHEDULER}
+    assert memory.cpu_compiler_options("cpu") == want
+    assert memory.cpu_compiler_options("tpu") == {} and memory.cpu_compiler_options("cuda") == {}
+    with conv.target_platform("tpu"):  # compile-only runs for an accelerator
+        assert memory.cpu_compiler_options() == {}
+    monkeypatch.setenv("XLA_FLAGS", f"--{memory.CPU_SCHEDULER_OPTION}=CPU_SCHEDULER_TYPE_DEFAULT")
+    assert memory.cpu_compiler_options("cpu") == {}  # the user's own choice wins
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv(memory.SCHEDULER_ENV, "default")
+    assert memory.cpu_compiler_options("cpu") == {}
+    monkeypatch.setenv(memory.SCHEDULER_ENV, "fast")
+    import pytest
+    with pytest.raises(ValueError, match=memory.SCHEDULER_ENV):
+        memory.cpu_compiler_options("cpu")
+
+
+def test_predict_fn_compiles_with_the_memory_scheduler(monkeypatch):
+    """The inference program's buffer plan is the memory-optimised scheduler's (smaller than
+    XLA:CPU's default order on a program with independent branches), with the same numbers."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from promptreg_jax import evaluate_lib
+    monkeypatch.delenv(memory.SCHEDULER_ENV, raising=False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    params = {"w": jnp.float32(0.5)}
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((128, 128)), jnp.float32) / 16
+    plain = jax.jit(lambda p, m, f: evaluate_lib._apply_flow_weights(_ToyModel, p, m, f))
+    ours = evaluate_lib.predict_fn(_ToyModel)
+    temp = lambda fn: fn.lower(params, x, x).compile().memory_analysis().temp_size_in_bytes
+    assert temp(ours) < 0.7 * temp(plain), (temp(ours), temp(plain))
+    np.testing.assert_allclose(np.asarray(ours(params, x, x)[0]),
+                               np.asarray(plain(params, x, x)[0]), rtol=1e-6, atol=1e-6)
