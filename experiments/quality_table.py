@@ -2,7 +2,7 @@
 
     python experiments/quality_table.py --runs RUN [RUN ...] [--pairs-per-domain 8]
         [--known-pairs 5] [--known-size 48] [--amplitude 2.5] [--io-steps 20] [--io-lr LR]
-        [--out DIR]
+        [--methods M ...] [--domains Brain ...] [--field-io KEY=VALUE ...] [--out DIR]
     python experiments/quality_table.py --runs RUN --sweep-weight-io [--lrs 1e-5 1e-4 1e-3]
         [--sweep-steps 10 25 50] [--pairs-per-domain 2] [--known-pairs 0]
 
@@ -21,12 +21,17 @@ the network's field is field IO's starting point, ``init_mode="warm"``). On requ
 also "network + field IO, compose": the refinement composed with the network's field as it is
 (``init_mode="compose"``, the earlier default). All instance optimisation here is unsupervised
 (images only, no labels), so the test labels only score. Columns: Dice (mean over labels), HD95
-(mm, mean over labels with a finite value), % of voxels with a Jacobian determinant <= 0, SDlogJ,
+(mm, mean over labels with a finite value), % of voxels with a Jacobian determinant <= 0, SDlogJ
+(the whole field, 2 voxels cropped), SDlogJ fg (over the fixed image's labelled voxels),
 end-point error (voxels; known-field set), the MIND-SSC distance to the fixed image
 (``field_opt.mind_similarity``, lower is better) and seconds per pair (the method's compute after
 compilation: each image shape is compiled on an untimed first call). Cells are mean ± std over
 pairs; with several runs (training seeds) the network rows pool the pairs of every run and add ``[±
 std of the per-run means]``.
+
+``--field-io KEY=VALUE`` (repeatable) passes an option to ``field_opt.optimize_field`` for every
+field IO row (e.g. ``smooth=1``, ``steps=(80, 40, 20)``); ``--domains`` keeps only those
+synthetic domains' pairs.
 
 ``--sweep-weight-io`` measures weight-space IO instead: per learning rate, Dice and MIND of the
 network's field after each of ``--sweep-steps`` steps (one run of max steps per pair, scored on
@@ -69,7 +74,8 @@ METHODS = ("no registration", "field IO alone", "network", "network + weight IO"
 DEFAULT_METHODS = METHODS[:5]
 NETWORK_METHODS = METHODS[2:]
 COLUMNS = (("dice", "Dice", 3), ("hd95", "HD95 mm", 2), ("folded_pct", "% folded", 3),
-           ("sdlogj", "SDlogJ", 3), ("epe", "EPE vox", 2), ("mind", "MIND", 4),
+           ("sdlogj", "SDlogJ", 3), ("sdlogj_fg", "SDlogJ fg", 3), ("epe", "EPE vox", 2),
+           ("mind", "MIND", 4),
            ("seconds", "s/pair", 2))
 UNSUPERVISED = {"dice": 0.0}  # weight IO on the images only: the test labels only score
 
@@ -183,6 +189,7 @@ def score(coords: np.ndarray, p: dict) -> dict:
                hd95=float(np.mean(hd[np.isfinite(hd)])) if np.isfinite(hd).any() else np.nan,
                folded_pct=100.0 * float(np.mean(jac <= 0)),
                sdlogj=metrics.sdlogj_of_determinant(jac),
+               sdlogj_fg=float(np.log(np.maximum(jac, 1e-9))[p["f_lab"].data > 0].std()),
                mind=field_opt.mind_similarity(evaluate_lib.sample_at(p["mov_n"], coords, 1),
                                               p["fix_n"]), epe=np.nan)
     if p["true"] is not None:
@@ -220,7 +227,9 @@ def warm_up(regs, field_io, pairs, io_steps, io_lr, methods):
 
 
 def quality(args, runs, pairs) -> dict:
-    fio = {} if args.field_io_smooth is None else {"smooth": args.field_io_smooth}
+    fio = dict(args.field_io)
+    if args.field_io_smooth is not None:
+        fio["smooth"] = args.field_io_smooth
     regs = [Registrar(r["model"], r["params"], r["meta"], field_io=True, guard=True,
                       field_io_options=fio) for r in runs]
     # The same networks with field IO composed with their field ("network + field IO, compose").
@@ -334,6 +343,21 @@ def sweep_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _option(text: str) -> tuple:
+    """``KEY=VALUE`` -> ``(key, value)``, the value read as a Python literal where it is one."""
+    import ast
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if key.strip() not in field_opt.DEFAULTS and key.strip() != "diffeomorphic":
+        raise argparse.ArgumentTypeError(f"{key!r} is not a field IO option "
+                                         f"({', '.join(field_opt.DEFAULTS)})")
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="trained run folders (seeds)")
@@ -348,6 +372,11 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--field-io-smooth", type=float, default=None,
                    help="field IO's diffusion weight (default: field_opt's)")
+    p.add_argument("--field-io", type=_option, action="append", default=[],
+                   metavar="KEY=VALUE", help="a field IO option (field_opt.optimize_field's "
+                   "keyword, e.g. param_smooth=2, smooth=1.5); repeat for more")
+    p.add_argument("--domains", nargs="+", default=None,
+                   help="only these synthetic domains' test pairs (names as in the table)")
     p.add_argument("--sweep-weight-io", action="store_true")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
     p.add_argument("--sweep-steps", type=int, nargs="+", default=[10, 25, 50])
@@ -361,6 +390,8 @@ def main(argv=None) -> int:
     config = runs[0]["config"]
     cache = tempfile.mkdtemp(prefix="quality_cache_")
     pairs = synthetic_pairs(config, cache, args.pairs_per_domain)
+    if args.domains:
+        pairs = [p for p in pairs if p["set"] in args.domains]
     if args.known_pairs:
         syn = config.data.synthetic
         pairs += known_field_pairs(pathlib.Path(cache) / "known_field", args.known_pairs,
