@@ -99,7 +99,7 @@ def predict_fn(model):
 
     The one inference program shared by evaluation and registration (one compilation per shape).
     On the CPU it is compiled with XLA's memory-optimised scheduler
-    (``memory.cpu_compiler_options``: 160^3 needs 2.4 GiB of temporaries instead of 3.8).
+    (``memory.cpu_compiler_options``: 160^3 needs 2.4 GiB of temporaries instead of 3.7).
     """
     from promptreg_jax.memory import cpu_compiler_options
     return jax.jit(lambda p, m, f: _apply_flow_weights(model, p, m, f),

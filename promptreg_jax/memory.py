@@ -42,18 +42,20 @@ def release_compile_caches() -> bool:
 # ------------------------------------------------------------------ XLA:CPU's memory scheduler
 # XLA:CPU orders a program's operations with a concurrency-optimised scheduler by default: it
 # keeps more buffers alive so that independent operations may run side by side. The
-# memory-optimised one orders them for a small peak. Measured on this network (compile-only
-# buffer plans, ``memory_analysis().temp_size_in_bytes``): inference at 160^3 3.79 -> 2.42 GiB.
+# memory-optimised one orders them for a small peak. Measured on this network (buffer plans,
+# ``memory_analysis().temp_size_in_bytes``): inference at 160^3 3.67 -> 2.44 GiB, the training
+# step at 64^3 2.09 -> 1.52 GiB (peak RSS -0.5 GiB, no slower; the README has the runs).
 CPU_SCHEDULER_OPTION = "xla_cpu_scheduler_type"
 CPU_MEMORY_SCHEDULER = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 SCHEDULER_ENV = "PROMPTREG_CPU_SCHEDULER"  # "memory" (default) or "default"
 
 
 def cpu_compiler_options(platform: str | None = None) -> dict:
-    """The XLA options this project compiles its inference program with (``jax.jit(...,
-    compiler_options=...)``): XLA:CPU's memory-optimised scheduler where the program is traced
-    for the CPU (``conv.current_platform``), nothing elsewhere. ``$PROMPTREG_CPU_SCHEDULER=default``,
-    or a scheduler chosen in ``$XLA_FLAGS``, leaves XLA's own choice.
+    """The XLA options this project compiles its inference program and training step with
+    (``jax.jit(..., compiler_options=...)``): XLA:CPU's memory-optimised scheduler where the
+    program is traced for the CPU (``conv.current_platform``), nothing elsewhere.
+    ``$PROMPTREG_CPU_SCHEDULER=default``, or a scheduler chosen in ``$XLA_FLAGS``, leaves XLA's
+    own choice.
     """
     import os
     from promptreg_jax.conv import current_platform
