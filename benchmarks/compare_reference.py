@@ -60,7 +60,8 @@ MEMORY_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED
 PORT_OPTIONS = {
     "remat": "model.remat=True (recompute each encoder / decoder level in the backward pass)",
     "trim": "malloc_trim(0) after compiling: the compiler's freed heap goes back to the kernel",
-    "memsched": f"XLA_FLAGS={MEMORY_SCHEDULER} (XLA:CPU's memory-optimised HLO scheduler)",
+    "memsched": f"XLA_FLAGS={MEMORY_SCHEDULER} (XLA:CPU's memory-optimised HLO scheduler; "
+                "the port's default now, memory.cpu_compiler_options)",
     "clear": "after compiling, jax.clear_caches() (traced jaxprs, lowered modules) + trim",
     "aot": "compile in a separate process first (JAX's persistent cache; "
            "promptreg_jax.memory), so the measuring process loads the executables",
