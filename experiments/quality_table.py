@@ -189,7 +189,7 @@ def score(coords: np.ndarray, p: dict) -> dict:
                hd95=float(np.mean(hd[np.isfinite(hd)])) if np.isfinite(hd).any() else np.nan,
                folded_pct=100.0 * float(np.mean(jac <= 0)),
                sdlogj=metrics.sdlogj_of_determinant(jac),
-               sdlogj_fg=float(np.log(np.maximum(jac, 1e-9))[p["f_lab"].data > 0].std()),
+               sdlogj_fg=metrics.sdlogj_of_determinant(jac, mask=p["f_lab"].data > 0),
                mind=field_opt.mind_similarity(evaluate_lib.sample_at(p["mov_n"], coords, 1),
                                               p["fix_n"]), epe=np.nan)
     if p["true"] is not None:
@@ -374,7 +374,7 @@ def main(argv=None) -> int:
                    help="field IO's diffusion weight (default: field_opt's)")
     p.add_argument("--field-io", type=_option, action="append", default=[],
                    metavar="KEY=VALUE", help="a field IO option (field_opt.optimize_field's "
-                   "keyword, e.g. param_smooth=2, smooth=1.5); repeat for more")
+                   "keyword, e.g. smooth=1.5, steps=(80,40,20)); repeat for more")
     p.add_argument("--domains", nargs="+", default=None,
                    help="only these synthetic domains' test pairs (names as in the table)")
     p.add_argument("--sweep-weight-io", action="store_true")
@@ -391,7 +391,11 @@ def main(argv=None) -> int:
     cache = tempfile.mkdtemp(prefix="quality_cache_")
     pairs = synthetic_pairs(config, cache, args.pairs_per_domain)
     if args.domains:
-        pairs = [p for p in pairs if p["set"] in args.domains]
+        unknown = sorted(set(args.domains) - {q["set"] for q in pairs})
+        if unknown:
+            p.error(f"--domains: {', '.join(unknown)} not among the runs' domains "
+                    f"({', '.join(dict.fromkeys(q['set'] for q in pairs))})")
+        pairs = [q for q in pairs if q["set"] in args.domains]
     if args.known_pairs:
         syn = config.data.synthetic
         pairs += known_field_pairs(pathlib.Path(cache) / "known_field", args.known_pairs,

@@ -112,10 +112,12 @@ def sdlogj(flow, learn2reg_compatible: bool = False) -> float:
     return sdlogj_of_determinant(det)
 
 
-def sdlogj_of_determinant(jacdet) -> float:
+def sdlogj_of_determinant(jacdet, mask=None) -> float:
     """``sdlogj``'s clean form from a Jacobian determinant map: std of log max(J, 1e-9) with 2
-    voxels cropped off each border (NaN for a map too small to crop)."""
-    inner = np.asarray(jacdet, np.float64)[2:-2, 2:-2, 2:-2]
+    voxels cropped off each border (NaN for a map too small to crop). With a boolean ``mask`` of
+    the map's shape: over the masked voxels instead, uncropped (NaN if none)."""
+    det = np.asarray(jacdet, np.float64)
+    inner = det[2:-2, 2:-2, 2:-2] if mask is None else det[np.asarray(mask, bool)]
     return float(np.log(np.maximum(inner, 1e-9)).std()) if inner.size else float("nan")
 
 

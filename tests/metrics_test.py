@@ -68,3 +68,17 @@ def test_sdlogj_clean_and_learn2reg_variants():
 
 def test_dsc30():
     assert M.dsc30([0.1, 0.2, 0.3, 0.4, 0.5, np.nan]) == pytest.approx(np.percentile([.1, .2, .3, .4, .5], 30))
+
+
+def test_sdlogj_of_determinant_over_a_mask():
+    det = np.ones((8, 8, 8))
+    det[0, 0, 0] = 100.0  # at the border: cropped by default, counted where the mask holds it
+    det[4, 4, 4] = np.e
+    mask = np.zeros(det.shape, bool)
+    mask[3:6, 3:6, 3:6] = True
+    assert M.sdlogj_of_determinant(det) == np.log(np.r_[np.e, np.ones(63)]).std()
+    np.testing.assert_allclose(M.sdlogj_of_determinant(det, mask=mask),
+                               np.r_[1.0, np.zeros(26)].std(), rtol=1e-12)
+    mask[0, 0, 0] = True
+    assert M.sdlogj_of_determinant(det, mask=mask) > M.sdlogj_of_determinant(det)
+    assert np.isnan(M.sdlogj_of_determinant(det, mask=np.zeros(det.shape, bool)))
