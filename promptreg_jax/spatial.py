@@ -8,6 +8,12 @@ The contract, stated once for the whole package:
   sample counting as 0 (so half a voxel past the edge gives half the edge value). This equals
   PyTorch ``grid_sample(align_corners=True, padding_mode="zeros")`` as the reference uses it and
   ``jax.scipy.ndimage.map_coordinates(order=1, mode="constant")``.
+* A field sampled past the volume (``compose``, and the squarings of ``integrate``) counts as 0
+  there by default (``boundary="zeros"``, the reference's and the network's convention);
+  ``boundary="border"`` extends it by its edge values instead. Field IO uses "border": with zeros,
+  the squarings of a velocity that points out of the volume read zeros at the edge, and the
+  integrated field's Jacobian is rough in a shell a few voxels deep (field IO on the 8 synthetic
+  Brain test pairs: whole-field SDlogJ 0.217 with zeros, 0.095 with "border", same Dice).
 * Resizing maps corners to corners (``align_corners=True``): index ``i`` of an ``n``-voxel axis sits
   at ``i * (m - 1) / (n - 1)`` on an ``m``-voxel axis covering the same extent.
 
@@ -29,7 +35,9 @@ import numpy as np
 from promptreg_jax.sampling import (SAMPLERS, _form_for, _sample_linear, _sample_nearest,  # noqa: F401
                                     _self_warp_cf, identity_grid, resolve_sampler, use_sampler)
 
-__all__ = ["SAMPLERS", "compose", "identity_grid", "integrate", "resample_flow", "resize",
+BOUNDARIES = ("zeros", "border")
+
+__all__ = ["BOUNDARIES", "SAMPLERS", "compose", "identity_grid", "integrate", "resample_flow", "resize",
            "resolve_sampler", "sample", "upsample_flow", "use_sampler", "warp"]
 
 
@@ -80,19 +88,45 @@ def warp(image, flow, order: int = 1):
     return sample(image, identity_grid(flow.shape[1:4], flow.dtype)[None] + flow, order)
 
 
-def compose(u, w):
-    """``u(x + w(x)) + w(x)``: the increment ``w`` is applied first (reference's composition)."""
-    return warp(u, w) + w
+def _check_boundary(boundary: str, where: str) -> None:
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"{where}: boundary must be one of {BOUNDARIES}, got {boundary!r}")
 
 
-def integrate(velocity, steps: int = 7):
-    """Scaling and squaring: ``v / 2**steps``, then ``steps`` times ``u <- u + u(x + u)``."""
+def _field_at(u, w, boundary: str):
+    """``u(x + w(x))``: ``u`` sampled on its own grid, extended past it by ``boundary``."""
+    if boundary == "zeros":
+        return warp(u, w)
+    shape = u.shape[1:4]
+    hi = jnp.asarray([n - 1 for n in shape], jnp.float32)
+    coords = jnp.clip(identity_grid(shape)[None] + w.astype(jnp.float32), 0.0, hi)
+    return sample(u, coords)
+
+
+def compose(u, w, boundary: str = "zeros"):
+    """``u(x + w(x)) + w(x)``: the increment ``w`` is applied first (reference's composition).
+
+    ``boundary``: how ``u`` extends past the volume, "zeros" (the reference) or "border" (its edge
+    values).
+    """
+    _check_boundary(boundary, "compose")
+    return _field_at(u, w, boundary) + w
+
+
+def integrate(velocity, steps: int = 7, boundary: str = "zeros"):
+    """Scaling and squaring: ``v / 2**steps``, then ``steps`` times ``u <- u + u(x + u)``.
+
+    ``boundary``: how ``u`` extends past the volume in the squarings, "zeros" (the reference, the
+    network) or "border" (its edge values; field IO). "border" runs the generic sampler on every
+    platform.
+    """
+    _check_boundary(boundary, "integrate")
     u = velocity / (2.0 ** steps)
     form = _form_for(resolve_sampler(), 3)
-    if form == "scatter":
+    if form == "scatter" or boundary == "border":
         # A loop, not unrolled Python: XLA compiles one squaring body (about 5x faster to compile
         # for 7 steps with gradients; the same numbers).
-        return jax.lax.fori_loop(0, steps, lambda _, u: u + warp(u, u), u)
+        return jax.lax.fori_loop(0, steps, lambda _, u: u + _field_at(u, u, boundary), u)
     # Accelerators: the loop carries the field channel-first, (3, X*Y*Z), so the per-step fields
     # kept for the backward pass are not padded from 3 to 128 lanes on TPU (42x); the squaring
     # uses the one-gather, one-scatter sampler.
