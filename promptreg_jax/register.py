@@ -5,6 +5,7 @@
         [--moving-modality ct|mr] [--fixed-frame N] [--moving-frame N]
         [--io-steps N] [--io-lr 1e-4] [--io-smooth W] [--io-dice W] [--no-field-io]
         [--field-io-smooth W] [--field-io-max-voxels N] [--field-io-init warm|compose]
+        [--field-io-boundary border|zeros]
         [--no-guard] [--no-qc] [--quiet] [--overwrite] [--allow-older-checkpoint]
     python -m promptreg_jax.register --pairs pairs.csv (--workdir RUN | --checkpoint PATH) --out DIR
 
@@ -63,6 +64,7 @@ from promptreg_jax.cli import ArgumentParser, add_checkpoint_args, run_cli
 from promptreg_jax.data.domains import MODALITIES
 from promptreg_jax.data.pair_list import PairSpec, read_pair_list
 from promptreg_jax.field_opt import INIT_MODES
+from promptreg_jax.spatial import BOUNDARIES
 from promptreg_jax.instance_opt import DEFAULT_LR as DEFAULT_IO_LR
 from promptreg_jax.registrar import (SUMMARY, Registrar, check_all, prepare_output,
                                      register_pairs)
@@ -133,6 +135,9 @@ def _parser():
                    help="warm (default): the network's field is field IO's starting point and is "
                         "smoothed with it; compose: field IO refines on top of the network's "
                         "field, which is kept as it is")
+    p.add_argument("--field-io-boundary", choices=BOUNDARIES, default=None,
+                   help="how field IO extends fields past the volume in its squarings: border "
+                        "(default: their edge values) or zeros (the network's convention)")
     p.add_argument("--no-guard", action="store_true",
                    help="hand back the registration even where its MIND distance to the fixed "
                         "image is worse than no registration's")
@@ -166,6 +171,8 @@ def field_io_options(args) -> dict:
         if not args.field_io_smooth >= 0:
             raise ValueError(f"--field-io-smooth {args.field_io_smooth} must be >= 0")
         out["smooth"] = args.field_io_smooth
+    if args.field_io_boundary is not None:
+        out["boundary"] = args.field_io_boundary
     if args.field_io_max_voxels is not None:
         if args.field_io_max_voxels < 8 ** 3:
             raise ValueError(f"--field-io-max-voxels {args.field_io_max_voxels} is below 512")

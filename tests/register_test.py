@@ -435,3 +435,15 @@ def test_field_io_compose_mode_writes_a_consistent_field(run, loaded, tmp_path):
     assert np.mean(pulled == np.asarray(nib.load(row["files"]["warped_label"]).dataobj)) > 0.99
     with pytest.raises(ValueError, match="init_mode must be 'warm' or 'compose'"):
         register.Registrar(model, params, meta, field_io_options={"init_mode": "start"})
+
+
+def test_field_io_options_from_the_command_line():
+    """``--field-io-*`` flags reach ``optimize_field``'s keywords; unset ones keep its defaults."""
+    base = ["--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--workdir", "w", "--out", "o"]
+    parse = register._parser().parse_args
+    assert register.field_io_options(parse(base)) == {"init_mode": "warm"}
+    opts = register.field_io_options(parse(base + ["--field-io-boundary", "zeros",
+                                                   "--field-io-smooth", "1.5"]))
+    assert opts == {"init_mode": "warm", "boundary": "zeros", "smooth": 1.5}
+    with pytest.raises(SystemExit):
+        parse(base + ["--field-io-boundary", "reflect"])
