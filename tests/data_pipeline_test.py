@@ -134,6 +134,41 @@ def test_cache_keys_rebuild_and_memmap(dataset, tmp_path):
     assert cache.array(lab_key, original=True).shape == tuple(cache.meta(lab_key)["original_shape"])
 
 
+def test_npy_headers_are_opened_one_thread_at_a_time(tmp_path, monkeypatch):
+    """numpy parses a .npy header with ``ast``, which CPython 3.11 cannot run in two threads at
+    once (cpython gh-106905): ``open_npy`` (the loader's and the cache's reads) holds a lock while
+    opening, so the opens never overlap, whatever the threads; the arrays are the saved ones."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from promptreg_jax.data import cache as cache_mod
+    paths = []
+    for i in range(8):
+        paths.append(str(tmp_path / f"v{i}.npy"))
+        np.save(paths[-1], np.full((4, 4, 4), i, np.float32))
+    inside, most, guard = [0], [0], threading.Lock()
+    real_load = np.load
+
+    def slow_load(*args, **kwargs):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        threading.Event().wait(0.02)  # hold the open long enough for the threads to collide
+        try:
+            return real_load(*args, **kwargs)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(cache_mod.np, "load", slow_load)
+    with ThreadPoolExecutor(8) as pool:
+        arrays = list(pool.map(cache_mod.open_npy, paths * 4))
+    assert most[0] == 1
+    assert [float(a[0, 0, 0]) for a in arrays] == [float(i) for i in range(8)] * 4
+    with pytest.raises(DataError, match="missing.npy"):
+        cache_mod.open_npy(str(tmp_path / "missing.npy"))
+
+
 def test_cache_rejects_label_on_another_grid(tmp_path):
     img = _save(tmp_path / "i.nii.gz", np.random.default_rng(0).normal(size=(6, 7, 8)))
     lab = np.zeros((6, 7, 9), np.uint8)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -31,6 +32,21 @@ from promptreg_jax.data.errors import DataError
 from promptreg_jax.data.readers import Pair
 
 _VERSION = 1  # bump when preprocessing changes what a key produces
+
+# numpy reads a .npy header with ``ast.literal_eval``. CPython 3.11 keeps the AST constructor's
+# recursion depth in interpreter-wide state, so two threads parsing at once can fail with
+# "SystemError: AST constructor recursion depth mismatch" (cpython gh-106905; it killed a training
+# run here on 3.11.7, in grain's reader threads). Only opening the memory map is serialised.
+_NPY_OPEN = threading.Lock()
+
+
+def open_npy(path: str) -> np.ndarray:
+    """``path`` memory-mapped read-only (thread-safe); a missing or bad file is a ``DataError``."""
+    try:
+        with _NPY_OPEN:
+            return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DataError(path, f"cache entry missing or unreadable, rebuild the cache ({e})")
 
 
 def _size(image_size: Sequence[int]) -> list[int]:
@@ -99,11 +115,7 @@ class VolumeCache:
 
     def array(self, key: str, original: bool = False) -> np.ndarray:
         """The cached array, memory-mapped read-only; ``original`` = native-resolution labels."""
-        path = self.path(key, original)
-        try:
-            return np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise DataError(path, f"cache entry missing or unreadable, rebuild the cache ({e})")
+        return open_npy(self.path(key, original))
 
     def meta(self, key: str) -> dict:
         if key not in self._meta:

@@ -20,7 +20,7 @@ from typing import Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
-from promptreg_jax.data.cache import VolumeCache
+from promptreg_jax.data.cache import VolumeCache, open_npy
 from promptreg_jax.data.domains import Domain
 from promptreg_jax.data.errors import DataError
 from promptreg_jax.data.readers import Pair
@@ -70,10 +70,11 @@ class _Load:
 
     def _read(self, vid: int, dtype) -> np.ndarray:
         path = self.files[vid]
+        volume = open_npy(path)  # the header under a lock; the data read below runs in parallel
         try:
-            return np.asarray(np.load(path, mmap_mode="r"), dtype=dtype)
+            return np.asarray(volume, dtype=dtype)
         except (OSError, ValueError) as e:
-            raise DataError(path, f"cache entry missing or unreadable, rebuild the cache ({e})")
+            raise DataError(path, f"cache entry unreadable, rebuild the cache ({e})")
 
     def __call__(self, item):
         task_id, ids = item
