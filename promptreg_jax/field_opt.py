@@ -34,7 +34,7 @@ network (``spatial``'s default, the reference's). With 0, a velocity pointing ou
 is cut down in each squaring near the edge, and the integrated field's Jacobian turns rough in a
 shell a few voxels deep: on the 8 synthetic Brain test pairs the whole-field SDlogJ of field IO
 alone was 0.217 with 0 and 0.095 with the edge values (Dice 0.879 / 0.880; over the labelled
-anatomy 0.057 / 0.055), the border shells' log-Jacobian RMS 0.29-0.59 at 2 voxels deep with 0.
+anatomy 0.057 / 0.055); with 0, the log-Jacobian RMS 2 voxels from the face was 0.23-0.59.
 
 **Coarse to fine.** ``levels`` are downsampling factors of the working grid (default 4, 2, 1):
 level ``f`` resizes the images (and one-hot labels, mask, init) to about ``shape / f``
@@ -79,17 +79,6 @@ against 1.48 but SDlogJ 0.22 and 0.24 against 0.18; steps (60, 30, 5) gave EPE 1
 the time. A velocity on the level grid itself (``field_factor=1``) was worse than on a 2x coarser
 control grid on the 32^3 test pair (EPE 1.11 against 0.86 of 2.24) and costs more.
 
-Those runs used the zeros boundary (and an older generator). The same command with "border"
-(2026-12-03, load 1-2): 64^3 Dice 0.615 -> 0.886, EPE 2.54 -> 1.21, SDlogJ 0.165 -> 0.125 (max
-0.185); 96^3 0.770 -> 0.947, 2.76 -> 1.21, 0.119 -> 0.115 (0.170), 15.7-23.0 s per pair. With "border" (the default since 2026-12-03), on the quality
-table's synthetic test pairs (``experiments/quality_table.py --runs RUN --methods "field IO alone"
---known-pairs 10 --field-io smooth=W``; 8 pairs per domain and 10 known-field pairs, seed-42 demo
-network), the diffusion weight W = 1 / 1.5 / 2 gave mean SDlogJ at most 0.171 / 0.148 / 0.130 over
-the six data sets, and Dice 0.866 / 0.866 / 0.859 (Abdominal), 0.879 / 0.878 / 0.880 (Brain),
-0.769 / 0.770 / 0.769 (Hippocampus), 0.881 / 0.867 / 0.847 (Cardiac), 0.891 / 0.891 / 0.889
-(Hip), 0.840 / 0.827 / 0.813 (known field; EPE 1.13 / 1.24 / 1.31 voxels). The default stays 2:
-1.5 is more accurate on Cardiac and the known fields but leaves no margin under SDlogJ 0.15.
-
 The defaults on the full benchmark, ``python benchmarks/field_opt.py --sizes 64 96 --pairs 10 3``
 (each shape's first call, with compilation, timed apart; load 12-16 on the 2 cores):
 
@@ -103,6 +92,18 @@ with ~7x more runnable threads than cores; a rerun of that pair
 (``--sizes 96 --pairs 1``, load 9-13) used 48.0 s of process CPU over all threads for 102 s wall,
 i.e. 24-48 s alone on the 2 cores. Idle (load 0.6-1.6, ``--sizes 96 --pairs 3``): 13.5-22.3 s
 per pair after compilation (the brain pair 22.3 s), Dice 0.770 -> 0.947, EPE 2.76 -> 1.17.
+
+All of the above ran with the zeros boundary (and an older data generator). With "border", the
+default since 2026-12-03, the same benchmark (load 1-2) gave 64^3 Dice 0.615 -> 0.886, EPE 2.54
+-> 1.21, SDlogJ 0.165 -> 0.125 (max 0.185); 96^3 0.770 -> 0.947, 2.76 -> 1.21, 0.119 -> 0.115
+(0.170), 15.7-23.0 s per pair after compilation. On the quality table's synthetic test pairs
+(``experiments/quality_table.py --runs RUN --methods "field IO alone" --known-pairs 10
+--field-io smooth=W``; 8 pairs per domain and 10 known-field pairs, seed-42 demo network) the
+diffusion weight W = 1 / 1.5 / 2 gave mean SDlogJ at most 0.171 / 0.148 / 0.130 over the six data
+sets, and Dice 0.866 / 0.866 / 0.859 (Abdominal), 0.879 / 0.878 / 0.880 (Brain), 0.769 / 0.770 /
+0.769 (Hippocampus), 0.881 / 0.867 / 0.847 (Cardiac), 0.891 / 0.891 / 0.889 (Hip), 0.840 / 0.827
+/ 0.813 (known field; EPE 1.13 / 1.24 / 1.31 voxels). The default stays 2: 1.5 is more accurate
+on Cardiac and the known fields but leaves no margin under SDlogJ 0.15.
 """
 
 from __future__ import annotations
