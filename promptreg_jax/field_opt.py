@@ -119,7 +119,7 @@ import optax
 from promptreg_jax import losses
 from promptreg_jax.instance_opt import one_hot
 from promptreg_jax.losses import soft_dice_loss
-from promptreg_jax.spatial import BOUNDARIES, compose, integrate, resample_flow, resize, warp
+from promptreg_jax.spatial import check_boundary, compose, integrate, resample_flow, resize, warp
 
 # Adam's epsilon, on the loss times the number of field voxels. Where the images agree the
 # gradients are float round-off (1e-7 to 4e-6 at identity on the 32^3 test pair, where they are
@@ -288,9 +288,7 @@ def optimize_field(moving, fixed, init_disp=None, *, levels=DEFAULTS["levels"],
     if init_mode not in INIT_MODES:
         raise ValueError(f"optimize_field: init_mode must be one of {INIT_MODES}, got "
                          f"{init_mode!r}")
-    if boundary not in BOUNDARIES:
-        raise ValueError(f"optimize_field: boundary must be one of {BOUNDARIES}, got "
-                         f"{boundary!r}")
+    check_boundary(boundary, "optimize_field")
     moving, fixed = _as_volume(moving, "moving"), _as_volume(fixed, "fixed")
     levels = tuple(levels) if isinstance(levels, (tuple, list)) else (levels,)
     steps, lr = _per_level(steps, len(levels), "steps"), _per_level(lr, len(levels), "lr")

@@ -37,8 +37,9 @@ from promptreg_jax.sampling import (SAMPLERS, _form_for, _sample_linear, _sample
 
 BOUNDARIES = ("zeros", "border")
 
-__all__ = ["BOUNDARIES", "SAMPLERS", "compose", "identity_grid", "integrate", "resample_flow", "resize",
-           "resolve_sampler", "sample", "upsample_flow", "use_sampler", "warp"]
+__all__ = ["BOUNDARIES", "SAMPLERS", "check_boundary", "compose", "identity_grid", "integrate",
+           "resample_flow", "resize", "resolve_sampler", "sample", "upsample_flow", "use_sampler",
+           "warp"]
 
 
 def sample(volume, coords, order: int = 1):
@@ -88,7 +89,8 @@ def warp(image, flow, order: int = 1):
     return sample(image, identity_grid(flow.shape[1:4], flow.dtype)[None] + flow, order)
 
 
-def _check_boundary(boundary: str, where: str) -> None:
+def check_boundary(boundary: str, where: str) -> None:
+    """One-line ``ValueError`` naming ``where`` unless ``boundary`` is one of ``BOUNDARIES``."""
     if boundary not in BOUNDARIES:
         raise ValueError(f"{where}: boundary must be one of {BOUNDARIES}, got {boundary!r}")
 
@@ -109,7 +111,7 @@ def compose(u, w, boundary: str = "zeros"):
     ``boundary``: how ``u`` extends past the volume, "zeros" (the reference) or "border" (its edge
     values).
     """
-    _check_boundary(boundary, "compose")
+    check_boundary(boundary, "compose")
     return _field_at(u, w, boundary) + w
 
 
@@ -120,7 +122,7 @@ def integrate(velocity, steps: int = 7, boundary: str = "zeros"):
     network) or "border" (its edge values; field IO). "border" runs the generic sampler on every
     platform.
     """
-    _check_boundary(boundary, "integrate")
+    check_boundary(boundary, "integrate")
     u = velocity / (2.0 ** steps)
     form = _form_for(resolve_sampler(), 3)
     if form == "scatter" or boundary == "border":
