@@ -284,7 +284,7 @@ def format_report(r: dict) -> str:
         + f", mesh {r['mesh']}",
         f"program     {r['what']} at {'x'.join(map(str, r['size']))}, global batch {r['batch']}, "
         f"{r['dtype']}, remat {_remat_word(r['remat'])}, conv {r['conv_impl']}, "
-        f"sampler {r['sampler']}"
+        f"sampler {r['sampler']}" + (f", fold {r['fold']}" if r.get("fold") else "")
         + (f", schedule {','.join(map(str, r['schedule']))}" if r.get("schedule") else "")
         + f", config {r['config']}",
     ]
@@ -468,6 +468,7 @@ def measure(args) -> dict:
     """Compiles the program for the target and returns every figure of the report."""
     import jax
     from promptreg_jax import conv, sharding, spatial
+    from promptreg_jax import model as model_lib
 
     target = TARGETS[args.target]
     mesh_axes = parse_mesh(args.mesh)
@@ -483,6 +484,8 @@ def measure(args) -> dict:
         config.model.remat = args.remat
     if args.conv_impl:
         config.model.conv_impl = args.conv_impl
+    if args.fold is not None:
+        config.model.fold = args.fold
     if args.schedule:
         try:
             sched = tuple(int(x) for x in args.schedule.split(","))
@@ -505,6 +508,7 @@ def measure(args) -> dict:
     with conv.target_platform(platform), spatial.use_sampler(sampler):
         conv_resolved = conv.resolve_conv_impl(config.model.conv_impl)
         sampler_resolved = spatial.resolve_sampler()
+        fold_resolved = model_lib.resolve_fold(config.model.get("fold", "auto"))
         fn, fn_args = build_program(config, args.what, mesh, batch)
         t0 = time.perf_counter()
         with sharding.spatial_mesh(mesh):  # feature maps split along X when space > 1
@@ -515,7 +519,7 @@ def measure(args) -> dict:
                                       if args.what == "train" else fn_args[-1].sharding.spec),
                       what=args.what, size=list(size), batch=batch,
                       dtype=str(config.model.dtype), remat=_remat_setting(config.model.remat),
-                      conv_impl=conv_resolved, sampler=sampler_resolved,
+                      conv_impl=conv_resolved, sampler=sampler_resolved, fold=fold_resolved,
                       schedule=[int(x) for x in config.model.schedule],
                       config=os.path.relpath(args.config, REPO) if os.path.isabs(args.config)
                       else args.config)
@@ -588,6 +592,8 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", default="data=1", help="data=N[,space=M] (devices = N*M)")
     p.add_argument("--batch", type=int, default=0, help="global batch (default: data size)")
     p.add_argument("--conv-impl", choices=("auto", "native", "depth_sum"), default=None)
+    p.add_argument("--fold", choices=("auto", "0", "8"), default=None,
+                   help="Z-fold of the full-resolution maps (model.fold; auto: 8 on TPU)")
     p.add_argument("--schedule", default=None,
                    help="the decoder's estimates per level, 1/8 to 1 (default: the config's, "
                         "2,2,3,1)")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from promptreg_jax.conv import conv3d, conv_transpose3d
+from promptreg_jax.fold import conv3d_folded, fold, instance_norm_folded
 
 Dtype = Any
 
@@ -50,6 +51,9 @@ class Conv3D(nn.Module):
 
     ``padding`` is symmetric, default ``kernel_size // 2``. Computes in ``dtype`` with
     ``param_dtype`` parameters. Default init is PyTorch's (``fan_in = Cin * k^3``).
+    ``fold`` > 0: ``x`` and the result are Z-folded (``promptreg_jax.fold``; stride 1, default
+    padding), ``groups`` the unfolded channels of the maps side by side in ``x``; the parameters
+    are the same as unfolded.
     """
     features: int
     kernel_size: int = 3
@@ -60,14 +64,23 @@ class Conv3D(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable | None = None
     bias_init: Callable | None = None
+    fold: int = 0
+    groups: Sequence[int] | None = None
 
     @nn.compact
     def __call__(self, x):
-        k, cin = self.kernel_size, x.shape[-1]
+        k = self.kernel_size
+        cin = x.shape[-1] // max(self.fold, 1)
+        if self.fold and (self.strides != 1 or self.padding not in (None, k // 2)):
+            raise ValueError("a folded Conv3D needs stride 1 and padding kernel_size // 2")
         default = torch_uniform(cin * k ** 3)
         kernel = self.param("kernel", self.kernel_init or default,
                             (k, k, k, cin, self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init or default, (self.features,), self.param_dtype)
+        if self.fold:
+            y = conv3d_folded(x.astype(self.dtype), kernel.astype(self.dtype), self.fold,
+                              self.groups)
+            return y + jnp.tile(bias.astype(self.dtype), self.fold)
         p = k // 2 if self.padding is None else self.padding
         y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
                    ((p, p),) * 3, self.conv_impl)
@@ -95,18 +108,31 @@ class ConvTranspose3D(nn.Module):
 
 
 class ConvInsBlock(nn.Module):
-    """Conv3d (k, stride 1, padding k//2, bias) -> InstanceNorm -> LeakyReLU (0.01 in PromptReg)."""
+    """Conv3d (k, stride 1, padding k//2, bias) -> InstanceNorm -> LeakyReLU (0.01 in PromptReg).
+
+    ``fold``/``groups``: on Z-folded maps (see :class:`Conv3D`), same parameters and numbers;
+    with ``unfolded_input`` the conv reads an unfolded ``x`` and its output is folded (the
+    encoders' first block: folding a 1-channel image would make the TPU lay out every
+    image-shaped array of the step channel-minor, 128x its size).
+    """
     features: int
     kernel_size: int = 3
     negative_slope: float = 0.01
     conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
+    fold: int = 0
+    groups: Sequence[int] | None = None
+    unfolded_input: bool = False
 
     @nn.compact
     def __call__(self, x):
+        conv_fold = 0 if self.unfolded_input else self.fold
         y = Conv3D(self.features, self.kernel_size, conv_impl=self.conv_impl, dtype=self.dtype,
-                   name="conv")(x)
-        return nn.leaky_relu(instance_norm(y), self.negative_slope)
+                   fold=conv_fold, groups=self.groups, name="conv")(x)
+        if self.fold and self.unfolded_input:
+            y = fold(y, self.fold)
+        y = instance_norm_folded(y, self.fold) if self.fold else instance_norm(y)
+        return nn.leaky_relu(y, self.negative_slope)
 
 
 class ConvInsBlocks(nn.Module):
@@ -117,6 +143,7 @@ class ConvInsBlocks(nn.Module):
     ``jax.checkpoint``; same parameters and numbers). It lowers the peak on TPU and GPU, where a
     full-resolution block's conv, norm and activation temporaries dominate; XLA:CPU merges the
     recomputation back (see ``promptreg_jax.remat``), so there it changes nothing.
+    ``fold``: Z-folded maps in and out; ``groups`` describes the input of the first block.
     """
     features: Sequence[int]
     kernel_sizes: Sequence[int] | None = None
@@ -124,13 +151,16 @@ class ConvInsBlocks(nn.Module):
     conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     remat: bool = False
+    fold: int = 0
+    groups: Sequence[int] | None = None
 
     @nn.compact
     def __call__(self, x):
         sizes = self.kernel_sizes or (3,) * len(self.features)
         block = nn.remat(ConvInsBlock) if self.remat else ConvInsBlock
         for i, (f, k) in enumerate(zip(self.features, sizes)):
-            x = block(f, k, self.negative_slope, self.conv_impl, self.dtype, name=f"block{i}")(x)
+            x = block(f, k, self.negative_slope, self.conv_impl, self.dtype, self.fold,
+                      self.groups if i == 0 else None, name=f"block{i}")(x)
         return x
 
 

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from promptreg_jax.conv import CONV_IMPLS
+from promptreg_jax.conv import CONV_IMPLS, current_platform
+from promptreg_jax.fold import fold as fold_z, unfold as unfold_z
 from promptreg_jax.layers import (Conv3D, ConvInsBlock, ConvInsBlocks, ResBlock,
                                   UpConvBlock, torch_uniform)
 from promptreg_jax.remat import checkpoint_module_fn
@@ -36,16 +37,22 @@ class Encoder(nn.Module):
     """conv0 (ConvInsBlock 1->c), then three times: stride-2 conv (padding 1) + ResBlock.
 
     Returns the features at full, 1/2, 1/4 and 1/8 resolution with c, 2c, 4c, 8c channels.
+    ``fold`` > 0: the full-resolution features are returned Z-folded (``promptreg_jax.fold``).
     """
     channels: int = 16
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
+    fold: int = 0
 
     @nn.compact
     def __call__(self, x):
         kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
-        h = constrain_spatial(ConvInsBlock(self.channels, name="conv0", **kw)(x))
+        if self.fold:
+            x = constrain_spatial(fold_z(x, self.fold))
+        h = constrain_spatial(ConvInsBlock(self.channels, name="conv0", fold=self.fold, **kw)(x))
         feats = [h]
+        if self.fold:
+            h = constrain_spatial(unfold_z(h, self.fold))
         for i in (1, 2, 3):
             h = Conv3D(self.channels * 2 ** i, strides=2, padding=1, name=f"conv{i}_0", **kw)(h)
             h = constrain_spatial(ResBlock(name=f"conv{i}_1", **kw)(h))
@@ -133,10 +140,34 @@ def remat_mode(remat) -> str:
     return remat
 
 
+FOLD_MODES = ("auto", 0, 8)
+
+
+def resolve_fold(fold, platform: str | None = None) -> int:
+    """``model.fold`` as the Z-fold of the full-resolution level: ``"auto"`` -> 8 on TPU (whose
+    128-lane tiles a 16- or 48-channel map wastes 8x / 2.7x unfolded), 0 elsewhere; an int is
+    kept (0 = unfolded). The platform is the one being traced for (``conv.current_platform``)."""
+    if isinstance(fold, str) and fold.strip().lower() == "auto":
+        return 8 if current_platform(platform) == "tpu" else 0
+    try:
+        k = int(str(fold).strip()) if isinstance(fold, str) else int(fold)
+    except (TypeError, ValueError):
+        k = -1
+    if k < 0 or k == 1 or (k and 8 % k and k % 8):
+        raise ValueError(f"fold={fold!r}: use 'auto', 0 (unfolded) or a Z-fold such as 8")
+    return k
+
+
 def remat_setting(remat):
     """``model.remat`` as saved in a checkpoint's settings: ``False``, ``True`` or ``"blocks"``."""
     mode = remat_mode(remat)
     return {"none": False, "levels": True}.get(mode, mode)
+
+
+def fold_setting(fold):
+    """``model.fold`` as saved in a checkpoint's settings: ``"auto"`` or an int."""
+    resolve_fold(fold)  # raises on a bad value
+    return "auto" if str(fold).strip().lower() == "auto" else int(str(fold).strip())
 
 
 class PromptReg(nn.Module):
@@ -158,12 +189,16 @@ class PromptReg(nn.Module):
     shared head, each integrated with ``int_steps`` squarings and composed ``u <- u(x+w)+w``;
     between levels ``u <- upsample(2u)`` (align corners). ``prompt_head``: ``"spatial"`` (the
     paper: the fusion output P) or ``"pooled_attention"`` (the authors' code, SPEC 2.4).
+    ``fold`` (``"auto"``: 8 on TPU, else 0) runs the full-resolution encoder block and decoder
+    level on Z-folded maps (``promptreg_jax.fold``: lane-dense on TPU, which pads a 16-channel
+    map 8x unfolded), same parameters and numbers.
     ``temperature`` 0.1 is the paper's, 0.5 the code's. ``dtype`` is the conv compute dtype; norms,
     flow heads, flows, warps and losses stay float32. ``remat`` keeps only the inputs of each
-    encoder and each decoder level for the backward pass and recomputes them there (``promptreg_jax.remat``: unlike
-    ``jax.checkpoint`` this also saves memory on XLA:CPU); ``remat="blocks"`` also checkpoints
-    each conv block inside the levels (what fits 160^3 in bfloat16 on a 16 GiB TPU v5e); the
-    numbers are unchanged.
+    encoder and each decoder level for the backward pass and recomputes them there
+    (``promptreg_jax.remat``: unlike ``jax.checkpoint`` this also saves memory on XLA:CPU);
+    ``remat="blocks"`` also checkpoints each conv block inside the levels. With the fold,
+    ``remat="levels"`` fits the paper's 160^3 float32 step on one 16 GiB TPU v5e (README,
+    "Will it fit an accelerator?"). The numbers are unchanged.
     """
     channels: int = 16
     num_tasks: int = 5
@@ -175,6 +210,7 @@ class PromptReg(nn.Module):
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
     remat: bool | str = False
+    fold: int | str = "auto"
 
     def setup(self):
         # setup() rather than @nn.compact: nn.remat of a level needs submodules bound to self.
@@ -187,8 +223,9 @@ class PromptReg(nn.Module):
             raise ValueError(f"prompt_head must be one of {PROMPT_HEADS}, got {self.prompt_head!r}")
         c, kw = self.channels, dict(conv_impl=self.conv_impl, dtype=self.dtype)
         bkw = dict(kw, remat=remat_mode(self.remat) == "blocks")  # for ConvInsBlocks
-        self.encoder_moving = Encoder(c, **kw)
-        self.encoder_fixed = Encoder(c, **kw)
+        fz = self._fold = resolve_fold(self.fold)
+        self.encoder_moving = Encoder(c, fold=fz, **kw)
+        self.encoder_fixed = Encoder(c, fold=fz, **kw)
         self.cconv_4 = ConvInsBlocks((8 * c, 8 * c), **bkw)
         if self.use_prompt:
             self.prompt_generator = PromptGenerator(self.num_tasks, self.temperature,
@@ -197,23 +234,36 @@ class PromptReg(nn.Module):
         self.dconv4 = ConvInsBlocks((8 * c, 8 * c), **bkw)
         # Levels 3, 2, 1 carry f = 4c, 2c, c decoder channels and 3f after concatenation.
         for level, f in ((3, 4 * c), (2, 2 * c), (1, c)):
+            lf = dict(fold=fz, groups=(f, f, f)) if level == 1 else {}  # full resolution
             setattr(self, f"upconv{level}", UpConvBlock(f, **kw))
-            setattr(self, f"cconv_{level}", ConvInsBlocks((3 * f, 3 * f), **bkw))
-            setattr(self, f"dconv{level}", ConvInsBlock(f, **kw))
+            setattr(self, f"cconv_{level}", ConvInsBlocks((3 * f, 3 * f), **bkw, **lf))
+            setattr(self, f"dconv{level}", ConvInsBlock(f, fold=fz if level == 1 else 0, **kw))
         for level in (4, 3, 2, 1):
             # Flow heads: N(0, 1e-5) weights, zero bias, computed in float32.
             setattr(self, f"defconv{level}", Conv3D(
                 3, conv_impl=self.conv_impl, kernel_init=nn.initializers.normal(1e-5),
                 bias_init=nn.initializers.zeros))
 
+    def _folded(self, level) -> int:
+        """The Z-fold of a decoder level's feature maps (0: unfolded)."""
+        return self._fold if level == 1 else 0
+
     def _velocity_to_flow(self, level, feat):
+        if self._folded(level):
+            # Unfold the features, not the 3-channel velocity: a reshape of the velocity would
+            # make the TPU lay out every field, warped image and MIND descriptor channel-minor.
+            feat = constrain_spatial(unfold_z(feat, self._folded(level)))
         v = getattr(self, f"defconv{level}")(feat.astype(jnp.float32))
         return constrain_spatial(integrate(constrain_spatial(v), self.int_steps))
 
     def _decode_level(self, level, fixed_feat, moving_feat, feat, flow):
         """One decoder level: ``schedule`` estimates; returns (features, composed flow)."""
         n = self.schedule[4 - level]
-        warped = lambda u: constrain_spatial(warp(moving_feat, u).astype(self.dtype))
+        fz = self._folded(level)
+        fo = (lambda x: constrain_spatial(fold_z(x, fz))) if fz else (lambda x: x)
+        if fz:  # fixed_feat, moving_feat and the level's features are Z-folded
+            moving_feat = constrain_spatial(unfold_z(moving_feat, fz))
+        warped = lambda u: fo(constrain_spatial(warp(moving_feat, u).astype(self.dtype)))
         if level == 4:  # feat = C4 after the prompt fusion; flow is None
             step = lambda c, u: constrain_spatial(
                 self.dconv4(jnp.concatenate([fixed_feat, warped(u), c], -1)))
@@ -223,7 +273,7 @@ class PromptReg(nn.Module):
             dconv = getattr(self, f"dconv{level}")
             step = lambda c, u: constrain_spatial(
                 cconv(jnp.concatenate([fixed_feat, warped(u), dconv(c)], -1)))
-            d = constrain_spatial(getattr(self, f"upconv{level}")(feat))
+            d = fo(constrain_spatial(getattr(self, f"upconv{level}")(feat)))
             flow = constrain_spatial(upsample_flow(flow))
             c = constrain_spatial(cconv(jnp.concatenate([fixed_feat, warped(flow), d], -1)))
         w = self._velocity_to_flow(level, c)
@@ -247,7 +297,8 @@ class PromptReg(nn.Module):
         M = encode(self, "encoder_moving", moving.astype(self.dtype))
         F = encode(self, "encoder_fixed", fixed.astype(self.dtype))
         c4 = self.cconv_4(jnp.concatenate([F[3], M[3]], -1))
-        inter = {"encoder_moving_level0": M[0], "c4_after_cconv_4": c4}
+        m0 = unfold_z(M[0], self._fold) if self._fold else M[0]
+        inter = {"encoder_moving_level0": m0, "c4_after_cconv_4": c4}
         zero = jnp.zeros((), jnp.float32)
         if self.use_prompt:
             prompt, weights, loss_ort, loss_ts = self.prompt_generator(c4, task_id)
@@ -284,7 +335,7 @@ def get_model(name: str, **kwargs) -> nn.Module:
 # A model's settings: the constructor arguments plus the name and the training image size; a
 # checkpoint stores them in ``meta["model"]`` and every command rebuilds the network from them.
 SETTINGS_KEYS = ("name", "channels", "num_tasks", "use_prompt", "prompt_head", "temperature",
-                 "schedule", "int_steps", "conv_impl", "dtype", "remat", "image_size")
+                 "schedule", "int_steps", "conv_impl", "dtype", "remat", "fold", "image_size")
 
 
 def default_settings() -> dict:
@@ -303,7 +354,8 @@ def model_settings(config, num_tasks: int) -> dict:
                 use_prompt=bool(m.use_prompt), prompt_head=m.prompt_head,
                 temperature=float(m.temperature), schedule=[int(s) for s in m.schedule],
                 int_steps=int(m.int_steps), conv_impl=m.conv_impl, dtype=m.dtype,
-                remat=remat_setting(m.remat), image_size=[int(s) for s in config.data.image_size])
+                remat=remat_setting(m.remat), fold=fold_setting(m.get("fold", "auto")),
+                image_size=[int(s) for s in config.data.image_size])
 
 
 def build_model(settings: dict) -> nn.Module:

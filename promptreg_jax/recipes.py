@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.conv_impl = "auto"        # "auto", "native" (cuDNN/TPU) or "depth_sum" (fast on CPU)
     c.model.dtype = "float32"         # compute dtype: "float32" or "bfloat16" (params stay f32)
     c.model.remat = "none"            # recompute in backward: "none", "levels" or "blocks" (least memory)
+    c.model.fold = "auto"             # Z-fold of the full-res maps: "auto" (8 on TPU), 0 or 8
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""                  # folder holding the domain folders; "" -> $PROMPTREG_DATA_ROOT

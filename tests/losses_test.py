@@ -120,3 +120,25 @@ def test_task_similarity_loss_known_and_unknown():
     np.testing.assert_allclose(L.task_similarity_loss(prompts, skb, np.array([-1, 2])),
                                (1 - 1 / np.sqrt(2)) ** 2, rtol=1e-5)
     assert float(L.task_similarity_loss(prompts, skb, np.array([-1, -1]))) == 0.0
+
+
+def test_mind_channels_first_form_gives_the_same_numbers(monkeypatch):
+    """The TPU's channels-first descriptors (``_mind_ssc(channels_first=True)``) and loss equal
+    the channels-last ones, values and gradients; under ``target_platform("tpu")`` the loss
+    traces the channels-first form."""
+    from promptreg_jax.conv import target_platform
+    rng = np.random.default_rng(5)
+    a = jnp.asarray(rng.random((2, 9, 10, 14, 1)), jnp.float32)
+    b = jnp.asarray(rng.random((2, 9, 10, 14, 1)), jnp.float32)
+    np.testing.assert_allclose(jnp.moveaxis(L._mind_ssc(a, channels_first=True), 1, -1),
+                               L.mind_ssc(a), atol=1e-6)
+    la, ga = jax.value_and_grad(L._mind_loss)(a, b, False)
+    lb, gb = jax.value_and_grad(L._mind_loss)(a, b, True)
+    np.testing.assert_allclose(lb, la, rtol=1e-6)
+    np.testing.assert_allclose(gb, ga, atol=1e-6 * float(jnp.abs(ga).max()) + 1e-12)
+    calls = []
+    monkeypatch.setattr(L, "_mind_loss", lambda w, f, channels_first: calls.append(channels_first))
+    for platform in ("tpu", "cpu"):
+        with target_platform(platform):
+            L.mind_loss(a, b)
+    assert calls == [True, False]

@@ -1,0 +1,113 @@
+"""The Z-folded layout (promptreg_jax.fold): same numbers as the unfolded layers and model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from promptreg_jax import fold as F
+from promptreg_jax.conv import conv3d, target_platform
+from promptreg_jax.layers import instance_norm
+from promptreg_jax.model import PromptReg, resolve_fold
+
+
+def _rand(rng, *shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def test_fold_unfold_round_trip_and_layout():
+    rng = np.random.default_rng(0)
+    a, b = _rand(rng, 2, 4, 3, 16, 2), _rand(rng, 2, 4, 3, 16, 5)
+    fa = F.fold(a, 8)
+    assert fa.shape == (2, 4, 3, 2, 16)
+    # xf[..., j, i*C + c] = x[..., 8j + i, c]
+    np.testing.assert_array_equal(fa[1, 2, 1, 1, 3 * 2 + 1], a[1, 2, 1, 8 + 3, 1])
+    both = jnp.concatenate([fa, F.fold(b, 8)], -1)
+    np.testing.assert_array_equal(F.unfold(both, 8, (2, 5)), jnp.concatenate([a, b], -1))
+    with pytest.raises(ValueError, match="does not divide"):
+        F.fold(a, 5)
+    with pytest.raises(ValueError, match="groups"):
+        F.unfold(both, 8, (2, 4))
+
+
+@pytest.mark.parametrize("groups,cout,k,fold", [((3, 3, 3), 5, 3, 8), ((4,), 3, 3, 4),
+                                                ((2, 3), 4, 1, 8), ((2,), 3, 5, 8)])
+def test_conv3d_folded_matches_the_unfolded_conv(groups, cout, k, fold):
+    rng = np.random.default_rng(1)
+    parts = [_rand(rng, 1, 6, 5, 16, c) for c in groups]
+    x = jnp.concatenate(parts, -1)
+    w = _rand(rng, k, k, k, sum(groups), cout) * 0.3
+    pad = ((k // 2, k // 2),) * 3
+    xf = jnp.concatenate([F.fold(p, fold) for p in parts], -1)
+    ref = conv3d(x, w, 1, pad, "native")
+    got = F.unfold(F.conv3d_folded(xf, w, fold, groups), fold)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
+    # gradients with respect to the input and the kernel
+    t = _rand(rng, *ref.shape)
+    g_ref = jax.grad(lambda x, w: jnp.sum(conv3d(x, w, 1, pad, "native") * t), (0, 1))(x, w)
+    g_got = jax.grad(lambda xf, w: jnp.sum(F.conv3d_folded(xf, w, fold, groups)
+                                            * F.fold(t, fold)), (0, 1))(xf, w)
+    np.testing.assert_allclose(F.unfold(g_got[0], fold, groups), g_ref[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(g_got[1], g_ref[1], atol=1e-4, rtol=1e-5)
+
+
+def test_conv3d_folded_rejects_what_it_cannot_do():
+    x = jnp.zeros((1, 4, 4, 2, 8 * 3))
+    with pytest.raises(ValueError, match="odd kernel"):
+        F.conv3d_folded(x, jnp.zeros((2, 2, 2, 3, 3)), 8)
+    with pytest.raises(ValueError, match="input channels"):
+        F.conv3d_folded(x, jnp.zeros((3, 3, 3, 4, 3)), 8)
+
+
+def test_instance_norm_folded_matches():
+    rng = np.random.default_rng(2)
+    x = _rand(rng, 2, 5, 4, 16, 6) * 3.0 + 1.0
+    got = F.unfold(F.instance_norm_folded(F.fold(x, 8), 8), 8)
+    np.testing.assert_allclose(got, instance_norm(x), atol=2e-5)
+
+
+def test_resolve_fold():
+    assert resolve_fold(0) == 0 and resolve_fold("8") == 8 and resolve_fold(16) == 16
+    with target_platform("tpu"):
+        assert resolve_fold("auto") == 8
+    with target_platform("cpu"):
+        assert resolve_fold("auto") == 0
+    for bad in ("x", -8, 1, 6):
+        with pytest.raises(ValueError, match="fold="):
+            resolve_fold(bad)
+
+
+@pytest.mark.slow
+def test_folded_model_gives_the_unfolded_models_numbers():
+    """Same parameters, same flow, losses and gradients with the full-resolution level folded
+    (schedule (1,1,1,2) also runs the folded dconv1); the parameter trees are identical."""
+    rng = np.random.default_rng(3)
+    size = (1, 16, 8, 16, 1)
+    moving, fixed = jnp.asarray(rng.random(size), jnp.float32), jnp.asarray(rng.random(size),
+                                                                            jnp.float32)
+    kw = dict(channels=4, num_tasks=2, schedule=(1, 1, 1, 2), conv_impl="native")
+    m0, m8 = PromptReg(fold=0, **kw), PromptReg(fold=8, **kw)
+    params = m0.init(jax.random.key(0), moving, fixed)["params"]
+    p8 = m8.init(jax.random.key(0), moving, fixed)["params"]
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(p8)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(p8)):
+        np.testing.assert_array_equal(a, b)
+    # flow heads scaled up so the fields are voxels, not 1e-5
+    params = jax.tree_util.tree_map(lambda p: p * 300 if p.ndim == 5 and p.shape[-1] == 3
+                                    else p, params)
+
+    def loss(model, p):
+        out = model.apply({"params": p}, moving, fixed, jnp.array([0]))
+        value = jnp.mean((out["warped"] - fixed) ** 2) + 0.1 * jnp.mean(out["flow"] ** 2)
+        return value, out
+
+    (l0, o0), g0 = jax.jit(jax.value_and_grad(lambda p: loss(m0, p), has_aux=True))(params)
+    (l8, o8), g8 = jax.jit(jax.value_and_grad(lambda p: loss(m8, p), has_aux=True))(params)
+    assert float(jnp.abs(o0["flow"]).max()) > 0.3
+    np.testing.assert_allclose(o8["flow"], o0["flow"], atol=2e-5)
+    np.testing.assert_allclose(o8["intermediates"]["encoder_moving_level0"],
+                               o0["intermediates"]["encoder_moving_level0"], atol=2e-5)
+    np.testing.assert_allclose(l8, l0, rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(g0))
+    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g8)):
+        np.testing.assert_allclose(b, a, atol=2e-4 * scale)
