@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from promptreg_jax.conv import conv3d, conv_transpose3d
-from promptreg_jax.fold import conv3d_folded, fold, instance_norm_folded
+from promptreg_jax.fold import conv3d_folded, instance_norm_folded
 
 Dtype = Any
 
@@ -110,10 +110,7 @@ class ConvTranspose3D(nn.Module):
 class ConvInsBlock(nn.Module):
     """Conv3d (k, stride 1, padding k//2, bias) -> InstanceNorm -> LeakyReLU (0.01 in PromptReg).
 
-    ``fold``/``groups``: on Z-folded maps (see :class:`Conv3D`), same parameters and numbers;
-    with ``unfolded_input`` the conv reads an unfolded ``x`` and its output is folded (the
-    encoders' first block: folding a 1-channel image would make the TPU lay out every
-    image-shaped array of the step channel-minor, 128x its size).
+    ``fold``/``groups``: on Z-folded maps (see :class:`Conv3D`), same parameters and numbers.
     """
     features: int
     kernel_size: int = 3
@@ -122,15 +119,11 @@ class ConvInsBlock(nn.Module):
     dtype: Dtype = jnp.float32
     fold: int = 0
     groups: Sequence[int] | None = None
-    unfolded_input: bool = False
 
     @nn.compact
     def __call__(self, x):
-        conv_fold = 0 if self.unfolded_input else self.fold
         y = Conv3D(self.features, self.kernel_size, conv_impl=self.conv_impl, dtype=self.dtype,
-                   fold=conv_fold, groups=self.groups, name="conv")(x)
-        if self.fold and self.unfolded_input:
-            y = fold(y, self.fold)
+                   fold=self.fold, groups=self.groups, name="conv")(x)
         y = instance_norm_folded(y, self.fold) if self.fold else instance_norm(y)
         return nn.leaky_relu(y, self.negative_slope)
 
