@@ -76,7 +76,7 @@ def test_sharded_step_equals_single_device_step(tmp_path):
                         jax.device_get(metrics)))
     (g1, p1, m1), (g4, p4, m4) = results
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
-    # The gradients of the two programs agree to 1e-3, not to float32 round-off. Measured against a
+    # The gradients of the two programs agree to 2e-3, not to float32 round-off. Measured against a
     # float64 run of the same step (2026-12-03; the same on c86110a, whose CI had passed a tighter
     # check): the 1-device program is within 1.6e-6 of each leaf's largest value, the 4-device
     # program within 1.7e-3 (the flow heads' gradients uniformly 5.7e-4 too large). The 4-device
