@@ -189,21 +189,10 @@ def fit_verdict(peak_bytes: float | None, capacity_bytes: float,
                 capacity=capacity_bytes)
 
 
-_UNITS = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-
-
 def parse_resource_exhausted(message: str) -> tuple[float | None, float | None]:
     """(needed, available) bytes from an XLA out-of-memory compile error, else Nones."""
-    def grab(pattern):
-        m = re.search(pattern, message)
-        return float(m.group(1)) * _UNITS[m.group(2)] if m else None
-    needed = grab(r"required for [^(]*\(([\d.]+)([KMGT]?)\)")
-    if needed is None:
-        needed = grab(r"[Uu]sed ([\d.]+)([KMGT]) of ")
-    available = grab(r"available [A-Za-z ]*\(([\d.]+)([KMGT]?)\)")
-    if available is None:
-        available = grab(r"of ([\d.]+)([KMGT]) hbm")
-    return needed, available
+    from promptreg_jax.memory import parse_resource_exhausted as parse
+    return parse(message)
 
 
 def _remat_setting(remat):
@@ -288,6 +277,11 @@ def format_report(r: dict) -> str:
         + (f", schedule {','.join(map(str, r['schedule']))}" if r.get("schedule") else "")
         + f", config {r['config']}",
     ]
+    if r.get("remat_auto"):
+        lines.append("remat auto  " + "; ".join(
+            f"{a['mode']}: {fmt_bytes(a['needed'])}, {'fits' if a['fits'] else 'does not fit'}"
+            for a in r["remat_auto"]) + f" -> {r['remat_auto'][-1]['mode']}"
+            + ("" if r["remat_auto"][-1]["fits"] else " (the least memory; nothing fits)"))
     v = r["verdict"]
     per = "each device" if r["devices"] > 1 else "device 0"
     if r.get("error_needed_bytes") is not None:
@@ -451,23 +445,11 @@ def _cost(compiled):
             float(nbytes) if nbytes is not None else None)
 
 
-def _memory(compiled, platform: str):
-    """Per-device bytes. TPU reports its buffer assignment's peak (``peak_memory_in_bytes``,
-    the figure to use there); XLA:CPU and XLA:GPU do not (0 or only the arguments), so their peak
-    is arguments + outputs - aliased + temporaries."""
-    m = compiled.memory_analysis()
-    args, outs = m.argument_size_in_bytes, m.output_size_in_bytes
-    alias, temp = m.alias_size_in_bytes, m.temp_size_in_bytes
-    reported = getattr(m, "peak_memory_in_bytes", 0) or 0
-    peak = reported if platform == "tpu" and reported else args + outs - alias + temp
-    return dict(peak=float(peak), arguments=float(args), outputs=float(outs),
-                aliased=float(alias), temporaries=float(temp))
-
-
 def measure(args) -> dict:
     """Compiles the program for the target and returns every figure of the report."""
     import jax
     from promptreg_jax import conv, sharding, spatial
+    from promptreg_jax.memory import compiled_memory
     from promptreg_jax import model as model_lib
 
     target = TARGETS[args.target]
@@ -557,7 +539,7 @@ def measure(args) -> dict:
         result["compile_s"] = time.perf_counter() - t0
         if args.compile_profile:
             result["compile_profile"] = parse_compile_log(capture.text)
-        result["memory"] = _memory(compiled, target.platform)
+        result["memory"] = compiled_memory(compiled, target.platform)
         flops, nbytes = _cost(compiled)
         if flops is None and target.platform == "gpu" and args.gpu_cost == "cpu":
             # XLA:GPU has no cost analysis: the same traced program (GPU forms) compiled for
@@ -577,6 +559,29 @@ def measure(args) -> dict:
     return result
 
 
+def measure_remat_auto(args) -> dict:
+    """``measure``, where ``model.remat="auto"`` (the configs' default, or ``--remat auto``) is
+    chosen as the trainer does (``train.choose_remat``): the training step is compiled with the
+    least recomputation first and the first mode that fits the target is reported, with every
+    mode tried (``remat_auto``). Inference has no backward pass: "auto" is "none" there."""
+    from promptreg_jax.memory import REMAT_ORDER
+    from promptreg_jax.model import remat_mode
+    requested = args.remat if args.remat is not None else load_config(args.config).model.remat
+    if remat_mode(requested) != "auto":
+        return measure(args)
+    if args.what != "train":
+        return measure(argparse.Namespace(**{**vars(args), "remat": "none"}))
+    tried = []
+    for mode in REMAT_ORDER:
+        result = measure(argparse.Namespace(**{**vars(args), "remat": mode}))
+        tried.append(dict(mode=mode, needed=result["verdict"]["needed"],
+                          fits=result["verdict"]["fits"]))
+        if tried[-1]["fits"]:
+            break
+    result["remat_auto"] = tried
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -586,8 +591,10 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(REPO / "configs" / "all_domains.py"))
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--remat", dest="remat", nargs="?", const=True, default=None,
-                   choices=(True, "none", "levels", "blocks"),
-                   help="recompute in the backward pass: levels (bare --remat) or blocks")
+                   choices=(True, "auto", "none", "levels", "blocks"),
+                   help="recompute in the backward pass: levels (bare --remat), blocks, or "
+                        "auto (the least that fits, as the trainer chooses; the configs' "
+                        "default)")
     p.add_argument("--no-remat", dest="remat", action="store_false")
     p.add_argument("--mesh", default="data=1", help="data=N[,space=M] (devices = N*M)")
     p.add_argument("--batch", type=int, default=0, help="global batch (default: data size)")
@@ -618,7 +625,7 @@ def main(argv=None) -> int:
     try:
         if args.target not in TARGETS:
             raise AotError(f"--target {args.target!r}: choose one of {', '.join(TARGETS)}")
-        result = measure(args)
+        result = measure_remat_auto(args)
     except AotError as e:
         print(f"error: {e}", flush=True)
         return 2

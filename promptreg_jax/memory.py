@@ -130,3 +130,118 @@ def run_measured(cmd, env=None, timeout=None) -> dict:
     return dict(returncode=None if killed.is_set() else proc.returncode,
                 seconds=time.perf_counter() - t, peak_rss_gib=usage.ru_maxrss / 2 ** 20,
                 output=output)
+
+
+# ------------------------------------------------------------------ what a compiled step needs
+# ``model.remat="auto"`` (the configs' default): the trainer compiles the step with the least
+# recomputation first and keeps the first one whose buffers fit the device. Recomputation is not
+# free anywhere (XLA:CPU, 2026-12-03, both steps compiled in one process and stepped
+# alternately: "levels" takes 1.28x the time of "none" at 32^3 and 1.21x at 64^3, for a temp
+# plan of 0.86 instead of 1.52 GiB at 64^3), so it is chosen where memory requires it.
+REMAT_ORDER = ("none", "levels", "blocks")  # least recomputation first
+CPU_BUDGET_FRACTION = 0.8  # of the host's available memory, shared by its local CPU devices
+GPU_BUDGET_FRACTION = 0.95  # of XLA's GPU allocator limit: cuDNN's workspaces are not in the plan
+
+_UNITS = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+class DoesNotFitError(RuntimeError):
+    """No recomputation mode makes the training step fit the memory budget."""
+
+
+def compiled_memory(compiled, platform: str) -> dict:
+    """Per-device bytes of a compiled program: ``peak``, ``arguments``, ``outputs``,
+    ``aliased``, ``temporaries``. TPU reports its buffer assignment's peak
+    (``peak_memory_in_bytes``, the figure to use there); XLA:CPU and XLA:GPU do not (0 or only
+    the arguments), so their peak is arguments + outputs - aliased + temporaries."""
+    m = compiled.memory_analysis()
+    args, outs = m.argument_size_in_bytes, m.output_size_in_bytes
+    alias, temp = m.alias_size_in_bytes, m.temp_size_in_bytes
+    reported = getattr(m, "peak_memory_in_bytes", 0) or 0
+    peak = reported if platform == "tpu" and reported else args + outs - alias + temp
+    return dict(peak=float(peak), arguments=float(args), outputs=float(outs),
+                aliased=float(alias), temporaries=float(temp))
+
+
+def parse_resource_exhausted(message: str) -> tuple[float | None, float | None]:
+    """(needed, available) bytes from an XLA out-of-memory compile error, else Nones."""
+    import re
+
+    def grab(pattern):
+        m = re.search(pattern, message)
+        return float(m.group(1)) * _UNITS[m.group(2)] if m else None
+    needed = grab(r"required for [^(]*\(([\d.]+)([KMGT]?)\)")
+    if needed is None:
+        needed = grab(r"[Uu]sed ([\d.]+)([KMGT]) of ")
+    available = grab(r"available [A-Za-z ]*\(([\d.]+)([KMGT]?)\)")
+    if available is None:
+        available = grab(r"of ([\d.]+)([KMGT]) hbm")
+    return needed, available
+
+
+def host_available_bytes() -> float:
+    """``MemAvailable`` of ``/proc/meminfo`` (free + reclaimable), else the free pages."""
+    import os
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def device_budget_bytes(device, local_devices: int = 1) -> float | None:
+    """The bytes one device's step may plan for: XLA's allocator limit on an accelerator
+    (``memory_stats()["bytes_limit"]``; on a GPU ``GPU_BUDGET_FRACTION`` of it), and on the CPU
+    ``CPU_BUDGET_FRACTION`` of the host's available memory split over its ``local_devices``
+    (the Python process, the loader and the compiler need the rest). None when unknown."""
+    platform = device.platform
+    if platform == "cpu":
+        return CPU_BUDGET_FRACTION * host_available_bytes() / max(int(local_devices), 1)
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        stats = {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        return None
+    return float(limit) * (GPU_BUDGET_FRACTION if platform == "gpu" else 1.0)
+
+
+def least_recompute(compile_mode, budget: float | None, platform: str,
+                    modes=REMAT_ORDER):
+    """``(mode, compiled, tried)``: the first of ``modes`` whose program ``compile_mode(mode)``
+    fits ``budget`` bytes per device (any fits when ``budget`` is None), that program, and
+    ``tried``, one ``(mode, needed_bytes)`` per mode compiled, in order.
+
+    A compile refused with RESOURCE_EXHAUSTED (TPU) counts as not fitting; any other error
+    propagates. Raises :class:`DoesNotFitError` (one line, every mode's need) when none fits.
+    """
+    tried = []
+    for mode in modes:
+        try:
+            compiled = compile_mode(mode)
+        except Exception as e:  # noqa: BLE001 - XLA raises its own types
+            msg = str(e)
+            if "RESOURCE_EXHAUSTED" not in msg:
+                raise
+            tried.append((mode, parse_resource_exhausted(msg)[0]))
+            continue
+        need = compiled_memory(compiled, platform)["peak"]
+        tried.append((mode, need))
+        if budget is None or need <= budget:
+            return mode, compiled, tried
+    needs = ", ".join(f"remat={m}: {fmt_gib(n)}" for m, n in tried)
+    raise DoesNotFitError(
+        f"the training step does not fit {fmt_gib(budget)} per device ({needs}); use a smaller "
+        f"data.image_size, model.dtype='bfloat16', more devices along train.mesh's space axis, "
+        f"or set train.memory_budget_gib")
+
+
+def fmt_gib(b) -> str:
+    """Bytes as ``"12.72 GiB"`` (``"21.4 MiB"`` under 1 GiB; ``"?"`` when unknown)."""
+    if b is None:
+        return "?"
+    return f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.1f} MiB"

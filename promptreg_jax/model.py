@@ -128,16 +128,25 @@ REMAT_MODES = ("none", "levels", "blocks")
 
 
 def remat_mode(remat) -> str:
-    """``model.remat`` as one of ``REMAT_MODES``: ``False``/``"none"``, ``True``/``"levels"``
-    (each encoder and decoder level keeps only its inputs), ``"blocks"`` (levels, and inside
-    them each conv block keeps only its input: the least memory, one more forward of each
-    block)."""
+    """``model.remat`` as one of ``REMAT_MODES`` or ``"auto"``: ``False``/``"none"``,
+    ``True``/``"levels"`` (each encoder and decoder level keeps only its inputs), ``"blocks"``
+    (levels, and inside them each conv block keeps only its input: the least memory, one more
+    forward of each block), ``"auto"`` (the trainer compiles the step with the least
+    recomputation that fits the device, ``train.choose_remat``; traced by itself, outside the
+    trainer, the network recomputes nothing)."""
     if isinstance(remat, (bool, np.bool_)) or remat is None:
         return "levels" if remat else "none"
-    remat = {"false": "none", "true": "levels"}.get(str(remat).lower(), remat)
-    if remat not in REMAT_MODES:
-        raise ValueError(f"remat={remat!r}: use False, True (= 'levels') or one of {REMAT_MODES}")
+    remat = {"false": "none", "true": "levels"}.get(str(remat).lower(), str(remat).lower())
+    if remat not in REMAT_MODES + ("auto",):
+        raise ValueError(f"remat={remat!r}: use 'auto', False, True (= 'levels') or one of "
+                         f"{REMAT_MODES}")
     return remat
+
+
+def traced_remat(remat) -> str:
+    """The mode a network traced on its own uses: ``"auto"`` -> ``"none"``."""
+    mode = remat_mode(remat)
+    return "none" if mode == "auto" else mode
 
 
 FOLD_MODES = ("auto", 0, 8)
@@ -159,7 +168,8 @@ def resolve_fold(fold, platform: str | None = None) -> int:
 
 
 def remat_setting(remat):
-    """``model.remat`` as saved in a checkpoint's settings: ``False``, ``True`` or ``"blocks"``."""
+    """``model.remat`` as saved in a checkpoint's settings: ``False``, ``True``, ``"blocks"`` or
+    ``"auto"`` (the trainer saves the mode it chose)."""
     mode = remat_mode(remat)
     return {"none": False, "levels": True}.get(mode, mode)
 
@@ -222,7 +232,7 @@ class PromptReg(nn.Module):
         if self.prompt_head not in PROMPT_HEADS:
             raise ValueError(f"prompt_head must be one of {PROMPT_HEADS}, got {self.prompt_head!r}")
         c, kw = self.channels, dict(conv_impl=self.conv_impl, dtype=self.dtype)
-        bkw = dict(kw, remat=remat_mode(self.remat) == "blocks")  # for ConvInsBlocks
+        bkw = dict(kw, remat=traced_remat(self.remat) == "blocks")  # for ConvInsBlocks
         fz = self._fold = resolve_fold(self.fold)
         self.encoder_moving = Encoder(c, fold=fz, **kw)
         self.encoder_fixed = Encoder(c, fold=fz, **kw)
@@ -291,7 +301,7 @@ class PromptReg(nn.Module):
             raise ValueError(f"spatial size {moving.shape[1:4]} must be divisible by 8 "
                              f"(three stride-2 levels)")
         B = moving.shape[0]
-        remat = remat_mode(self.remat) != "none" and not self.is_initializing()
+        remat = traced_remat(self.remat) != "none" and not self.is_initializing()
         encode = lambda mdl, name, x: getattr(mdl, name)(x)
         encode = checkpoint_module_fn(encode, self, static=(0,)) if remat else encode
         M = encode(self, "encoder_moving", moving.astype(self.dtype))
@@ -368,6 +378,8 @@ def build_model(settings: dict) -> nn.Module:
         kw["dtype"] = jnp.dtype(kw["dtype"])
     if settings["name"] == "voxelmorph":
         kw = {k: kw[k] for k in ("int_steps", "conv_impl", "dtype", "remat") if k in kw}
+        if "remat" in kw:  # VoxelMorph checkpoints every block or none
+            kw["remat"] = traced_remat(kw["remat"]) != "none"
     return get_model(settings["name"], **kw)
 
 

@@ -23,3 +23,20 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
         return
     client.wait_at_barrier(f"promptreg_{name}", BARRIER_TIMEOUT_MS)
+
+
+def min_over_processes(name: str, value: float) -> float:
+    """The smallest of every process's ``value`` (through the coordination service's key-value
+    store, no device collective); ``value`` itself in a single-process run. Used where processes
+    must take the same decision from figures that may differ between hosts (memory budgets)."""
+    if jax.process_count() == 1:
+        return value
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if client is None:  # pragma: no cover - initialised by jax.distributed.initialize
+        from jax.experimental import multihost_utils
+        import numpy as np
+        return float(np.min(multihost_utils.process_allgather(np.float64(value))))
+    client.key_value_set(f"promptreg_{name}/{jax.process_index()}", repr(float(value)))
+    return min(float(client.blocking_key_value_get(f"promptreg_{name}/{i}", BARRIER_TIMEOUT_MS))
+               for i in range(jax.process_count()))

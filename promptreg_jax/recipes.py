@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.int_steps = 7             # scaling-and-squaring steps per velocity
     c.model.conv_impl = "auto"        # "auto", "native" (cuDNN/TPU) or "depth_sum" (fast on CPU)
     c.model.dtype = "float32"         # compute dtype: "float32" or "bfloat16" (params stay f32)
-    c.model.remat = "none"            # recompute in backward: "none", "levels" or "blocks" (least memory)
+    c.model.remat = "auto"            # recompute in backward: "auto" (least that fits the device,
+    #                                   train.choose_remat), "none", "levels" or "blocks" (least memory)
     c.model.fold = "auto"             # Z-fold of the full-res maps: "auto" (8 on TPU), 0 or 8
 
     c.data = ml_collections.ConfigDict()
@@ -93,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.final_eval = True         # original-resolution evaluation of every domain at the end
     c.train.stop_at_step = 0          # >0: checkpoint and stop there (preemption drills, tests)
+    c.train.memory_budget_gib = 0.0   # model.remat="auto": bytes per device the step may plan for;
+    #                                   0 -> the device's (accelerator limit, CPU: 0.8 x available)
 
     c.init_from = ""                  # workdir or checkpoint to fine-tune from (params only)
     return c

@@ -18,6 +18,7 @@ import pathlib
 import signal
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from promptreg_jax import checkpoint as ckpt_lib
 from promptreg_jax.cli import Interrupted, run_cli
+from promptreg_jax import memory
 from promptreg_jax.memory import cpu_compiler_options, release_freed_heap
 from promptreg_jax import evaluate_lib, losses, optim, sharding
 from promptreg_jax import data as data_lib
-from promptreg_jax.model import build_model, model_settings
-from promptreg_jax.multihost import sync_processes
+from promptreg_jax.model import build_model, model_settings, remat_mode, remat_setting
+from promptreg_jax.multihost import min_over_processes, sync_processes
 
 log = logging.getLogger("promptreg_jax.train")
 
@@ -148,6 +150,50 @@ def make_train_fns(model, tx, schedule, weights, mesh, image_shape, rng):
     return init_state, train_step, abstract, state_sharding
 
 
+def choose_remat(settings, tx, schedule, weights, mesh, image_shape, rng, batch_spec,
+                 budget_bytes=None):
+    """``model.remat="auto"``: compiles the training step with the least recomputation first
+    (``"none"``, then ``"levels"``, then ``"blocks"``) and keeps the first whose buffers fit
+    ``budget_bytes`` per device (default ``memory.device_budget_bytes`` of the mesh's first
+    device: the accelerator's allocator limit, or on the CPU a share of the host's available
+    memory). Recomputation costs time (XLA:CPU: 1.2-1.3x per step), so it is used only where
+    memory needs it.
+
+    Returns a ``RematChoice``: the chosen ``mode``, ``make_train_fns``' result for it (``fns``),
+    its compiled step (``compiled``, called like ``train_step``), ``tried`` (``(mode, needed
+    bytes)`` per mode compiled) and the ``budget`` used. Raises ``memory.DoesNotFitError`` when
+    even ``"blocks"`` does not fit.
+    """
+    device = mesh.devices.flat[0]
+    if budget_bytes is None:
+        budget_bytes = memory.device_budget_bytes(device, len(mesh.local_devices))
+        if budget_bytes is not None:  # every process must compile the same program
+            budget_bytes = min_over_processes("remat_budget", budget_bytes)
+    fns = {}
+
+    def compile_mode(mode):
+        model = build_model(dict(settings, remat=remat_setting(mode)))
+        fns[mode] = make_train_fns(model, tx, schedule, weights, mesh, image_shape, rng)
+        _, step, abstract, state_sharding = fns[mode]
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             abstract, state_sharding)
+        return step.lower(state, batch_spec).compile()
+
+    modes = memory.REMAT_ORDER if settings.get("name", "promptreg") != "voxelmorph" \
+        else ("none", "levels")  # VoxelMorph checkpoints every block or none
+    mode, compiled, tried = memory.least_recompute(compile_mode, budget_bytes, device.platform,
+                                                   modes)
+    return RematChoice(mode, fns[mode], compiled, tried, budget_bytes)
+
+
+class RematChoice(NamedTuple):
+    mode: str
+    fns: tuple
+    compiled: object
+    tried: list
+    budget: float | None
+
+
 def _check_config(config):
     size = tuple(int(s) for s in config.data.image_size)
     if len(size) != 3 or any(s % 8 or s <= 0 for s in size):
@@ -214,20 +260,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- Model & optimiser
     settings = model_settings(config, num_tasks)
-    model = build_model(settings)
     schedule = optim.make_schedule(config.optim.lr, total_steps, config.optim.power,
                                    steps_per_epoch, config.optim.schedule_per)
     tx = optim.make_optimizer(schedule, amsgrad=config.optim.amsgrad)
     weights = {k: float(config.loss[k]) for k in ("mind", "smooth", "ort", "ts")}
     shape = (1, *[int(s) for s in config.data.image_size], 1)
     rng = jax.random.PRNGKey(int(config.seed))
-    init_state, train_step, abstract, state_sharding = make_train_fns(
-        model, tx, schedule, weights, mesh, shape, rng)
     batch_sharding = sharding.batch_shardings(mesh)
     # Each process holds whole pairs (its rows of the data axis, every X slab of them): the
     # global shape names the full X, so each device takes its slab from the process's pairs.
     global_shapes = {"moving": (global_batch, *shape[1:]), "fixed": (global_batch, *shape[1:]),
                      "task_id": (global_batch,)}
+    batch_spec = {k: jax.ShapeDtypeStruct(global_shapes[k],
+                                          jnp.int32 if k == "task_id" else jnp.float32,
+                                          sharding=batch_sharding[k]) for k in BATCH_KEYS}
+    compiled_step = None
+    if remat_mode(settings["remat"]) == "auto":
+        budget = float(config.train.get("memory_budget_gib", 0) or 0) * 2 ** 30 or None
+        try:
+            choice = choose_remat(settings, tx, schedule, weights, mesh, shape, rng, batch_spec,
+                                  budget)
+        except memory.DoesNotFitError as e:
+            raise TrainingError(f"model.remat='auto': {e}") from None
+        settings["remat"] = remat_setting(choice.mode)
+        compiled_step = choice.compiled
+        if is_main:
+            print(f"model.remat='auto' -> {choice.mode!r} (step per device: " + ", ".join(
+                f"{m} {memory.fmt_gib(n)}" for m, n in choice.tried)
+                + f"; budget {memory.fmt_gib(choice.budget)})", flush=True)
+        init_state, _, abstract, state_sharding = choice.fns
+        model = build_model(settings)
+    else:
+        model = build_model(settings)
+        init_state, train_step, abstract, state_sharding = make_train_fns(
+            model, tx, schedule, weights, mesh, shape, rng)
 
     def to_global(local):
         return {k: jax.make_array_from_process_local_data(batch_sharding[k], np.asarray(local[k]),
@@ -241,14 +307,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    if compiled_step is not None:
+        train_step = compiled_step
     if jax.process_count() > 1:
         # Compile the step before the first collective and meet there: gloo gives processes
         # 30 s to meet, and compiling this network can take minutes.
-        batch_spec = {k: jax.ShapeDtypeStruct(global_shapes[k],
-                                              jnp.int32 if k == "task_id" else jnp.float32,
-                                              sharding=batch_sharding[k]) for k in BATCH_KEYS}
         init_state = init_state.lower(rng).compile()
-        train_step = train_step.lower(abstract_sharded, batch_spec).compile()
+        if compiled_step is None:
+            train_step = train_step.lower(abstract_sharded, batch_spec).compile()
         sync_processes("compiled")
     restored = checkpointer.restore(
         abstract_sharded, data.train_iter,

@@ -144,3 +144,84 @@ def test_predict_fn_compiles_with_the_memory_scheduler(monkeypatch):
     assert temp(ours) < 0.7 * temp(plain), (temp(ours), temp(plain))
     np.testing.assert_allclose(np.asarray(ours(params, x, x)[0]),
                                np.asarray(plain(params, x, x)[0]), rtol=1e-6, atol=1e-6)
+
+
+class _FakeCompiled:
+    """A compiled program as ``least_recompute`` reads it: ``memory_analysis()`` only."""
+
+    def __init__(self, temp):
+        self.temp = temp
+
+    def memory_analysis(self):
+        import types
+        return types.SimpleNamespace(argument_size_in_bytes=100, output_size_in_bytes=100,
+                                     alias_size_in_bytes=100, temp_size_in_bytes=self.temp)
+
+
+def test_least_recompute_keeps_the_first_mode_that_fits():
+    plans = {"none": 900, "levels": 500, "blocks": 300}  # peak = 100 + temp
+    compiled = []
+
+    def compile_mode(mode):
+        compiled.append(mode)
+        return _FakeCompiled(plans[mode])
+
+    mode, prog, tried = memory.least_recompute(compile_mode, 700, "cpu")
+    assert mode == "levels" and prog.temp == 500
+    assert tried == [("none", 1000.0), ("levels", 600.0)] and compiled == ["none", "levels"]
+    # an ample or unknown budget compiles one program: no recomputation
+    compiled.clear()
+    assert memory.least_recompute(compile_mode, 2000, "cpu")[0] == "none"
+    assert memory.least_recompute(compile_mode, None, "gpu")[0] == "none"
+    assert compiled == ["none", "none"]
+
+
+def test_least_recompute_counts_a_refused_tpu_compile_as_not_fitting():
+    def compile_mode(mode):
+        if mode == "none":  # the TPU compiler's refusal, as XLA words it
+            raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of "
+                               "memory in memory space hbm. Used 30.20G of 15.75G hbm.")
+        return _FakeCompiled(2 ** 30)
+
+    mode, _, tried = memory.least_recompute(compile_mode, 15.75 * 2 ** 30, "tpu")
+    assert mode == "levels"
+    assert tried[0] == ("none", 30.2 * 2 ** 30) and tried[1][0] == "levels"
+
+
+def test_least_recompute_says_what_each_mode_needs_when_nothing_fits():
+    import pytest
+    with pytest.raises(memory.DoesNotFitError) as e:
+        memory.least_recompute(lambda m: _FakeCompiled(3 * 2 ** 30), 2 ** 30, "gpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "does not fit 1.00 GiB per device" in msg
+    assert "remat=none: 3.00 GiB, remat=levels: 3.00 GiB, remat=blocks: 3.00 GiB" in msg
+    # another compile error is not a memory verdict: it propagates
+    with pytest.raises(ValueError, match="bad shape"):
+        memory.least_recompute(lambda m: (_ for _ in ()).throw(ValueError("bad shape")), 1, "cpu")
+
+
+def test_least_recompute_reads_a_real_compiled_plan():
+    """A toy with two 'modes' whose XLA:CPU plans differ by ~64 MiB: the budget between them
+    picks the smaller one, with the needs memory_analysis reports."""
+    import jax
+    import jax.numpy as jnp
+
+    def compile_mode(mode):
+        n = {"none": 1 << 24, "levels": 1 << 20}[mode]  # floats held at once
+        f = jax.jit(lambda x: jnp.sum(jnp.sin(jnp.broadcast_to(x, (n,)) * jnp.arange(n))))
+        return f.lower(jax.ShapeDtypeStruct((), jnp.float32)).compile()
+
+    mode, _, tried = memory.least_recompute(compile_mode, 32 * 2 ** 20, "cpu",
+                                            modes=("none", "levels"))
+    assert mode == "levels", tried
+    assert tried[0][1] >= 4 * (1 << 24) * 0.9 and tried[1][1] <= 32 * 2 ** 20
+
+
+def test_device_budget_on_the_cpu_is_a_share_of_available_memory():
+    import jax
+    cpu = jax.devices("cpu")[0]
+    one, four = memory.device_budget_bytes(cpu, 1), memory.device_budget_bytes(cpu, 4)
+    avail = memory.host_available_bytes()
+    assert 0.7 * avail < one < 0.9 * avail
+    assert abs(four * 4 / one - 1) < 0.1  # four local devices share the host
+    assert memory.fmt_gib(1.5 * 2 ** 30) == "1.50 GiB" and memory.fmt_gib(3 * 2 ** 20) == "3.0 MiB"

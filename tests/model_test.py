@@ -190,6 +190,14 @@ def test_remat_modes():
         ["none", "levels", "none", "levels", "blocks"]
     assert [remat_setting(r) for r in ("none", "levels", "blocks", True)] == \
         [False, True, "blocks", True]
+    # "auto" is the trainer's to resolve (train.choose_remat); a network traced by itself
+    # recomputes nothing
+    from promptreg_jax.model import build_model, traced_remat
+    assert remat_mode("Auto") == "auto" and remat_setting("auto") == "auto"
+    assert [traced_remat(r) for r in ("auto", "blocks", False)] == ["none", "blocks", "none"]
+    vxm = dict(name="voxelmorph", image_size=[16, 16, 16])
+    assert [build_model(dict(vxm, remat=r)).remat for r in ("auto", False, "none", True)] == \
+        [False, False, False, True]
     with pytest.raises(ValueError, match="remat='layers'"):
         remat_mode("layers")
     with pytest.raises(ValueError, match="remat="):

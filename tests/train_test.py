@@ -94,8 +94,13 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     _assert_params_within_adam_cap(p1, p4)
 
 
-def test_resume_is_bit_identical(tmp_path):
+def test_resume_is_bit_identical(tmp_path, capsys):
     straight = train.train_and_evaluate(tiny_config(tmp_path), tmp_path / "a")
+    # The configs' model.remat="auto": at 16^3 the step without recomputation fits the CPU
+    # budget, so the trainer keeps it and saves the mode it chose.
+    assert "model.remat='auto' -> 'none' (step per device: none " in capsys.readouterr().out
+    from promptreg_jax import checkpoint as ckpt_lib
+    assert ckpt_lib.load_params(tmp_path / "a")[1]["model"]["remat"] is False
     first = train.train_and_evaluate(tiny_config(tmp_path, stop_at_step=2), tmp_path / "b")
     assert first["step"] == 2 and first["eval"] == {}
     resumed = train.train_and_evaluate(tiny_config(tmp_path), tmp_path / "b")
