@@ -290,6 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 + f"; budget {memory.fmt_gib(choice.budget)})", flush=True)
         init_state, _, abstract, state_sharding = choice.fns
         model = build_model(settings)
+        # Processes compile at their own pace; meet before the next collective (gloo's 30 s).
+        sync_processes("remat_chosen")
     else:
         model = build_model(settings)
         init_state, train_step, abstract, state_sharding = make_train_fns(

@@ -186,16 +186,33 @@ def test_corrupted_latest_checkpoints_fall_back(reference, tmp_path, caplog):
     _assert_same(params, expected)
 
 
+class _Hooked:
+    """A step (jitted, or compiled ahead as ``model.remat="auto"`` has the trainer do) that
+    passes its third batch through ``hook`` first; other attributes are the step's own."""
+
+    def __init__(self, fn, hook, calls):
+        self.fn, self.hook, self.calls = fn, hook, calls
+
+    def lower(self, *args):
+        lowered = self.fn.lower(*args)
+        return type("Lowered", (), {
+            "compile": lambda _: _Hooked(lowered.compile(), self.hook, self.calls)})()
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+    def __call__(self, state, batch):
+        self.calls[0] += 1
+        return self.fn(state, self.hook(batch) if self.calls[0] == 3 else batch)
+
+
 def _on_third_step(make_train_fns, hook):
     """``make_train_fns`` whose step passes the third batch through ``hook`` first."""
+    calls = [0]  # one count per run, whichever of the steps it made runs
+
     def wrapped(*a, **kw):
         init, step_fn, abstract, sharding = make_train_fns(*a, **kw)
-        calls = [0]
-
-        def step(state, batch):
-            calls[0] += 1
-            return step_fn(state, hook(batch) if calls[0] == 3 else batch)
-        return init, step, abstract, sharding
+        return init, _Hooked(step_fn, hook, calls), abstract, sharding
     return wrapped
 
 

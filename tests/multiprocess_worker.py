@@ -44,6 +44,9 @@ if sigterm and int(pid) == 1:
             lowered = self.fn.lower(*args)
             return type("Lowered", (), {"compile": lambda _: Preempted(lowered.compile())})()
 
+        def __getattr__(self, name):  # memory_analysis() etc. of the compiled step
+            return getattr(self.fn, name)
+
         def __call__(self, state, batch):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step runs
             return self.fn(state, batch)
