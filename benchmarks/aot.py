@@ -564,21 +564,20 @@ def measure_remat_auto(args) -> dict:
     chosen as the trainer does (``train.choose_remat``): the training step is compiled with the
     least recomputation first and the first mode that fits the target is reported, with every
     mode tried (``remat_auto``). Inference has no backward pass: "auto" is "none" there."""
-    from promptreg_jax.memory import REMAT_ORDER
+    from promptreg_jax.memory import first_fitting
     from promptreg_jax.model import remat_mode
     requested = args.remat if args.remat is not None else load_config(args.config).model.remat
     if remat_mode(requested) != "auto":
         return measure(args)
     if args.what != "train":
         return measure(argparse.Namespace(**{**vars(args), "remat": "none"}))
-    tried = []
-    for mode in REMAT_ORDER:
-        result = measure(argparse.Namespace(**{**vars(args), "remat": mode}))
-        tried.append(dict(mode=mode, needed=result["verdict"]["needed"],
-                          fits=result["verdict"]["fits"]))
-        if tried[-1]["fits"]:
-            break
-    result["remat_auto"] = tried
+
+    def try_mode(mode):
+        r = measure(argparse.Namespace(**{**vars(args), "remat": mode}))
+        return r["verdict"]["fits"], r["verdict"]["needed"], r
+
+    mode, result, tried, fits = first_fitting(try_mode)
+    result["remat_auto"] = [dict(mode=m, needed=n, fits=fits and m == mode) for m, n in tried]
     return result
 
 

@@ -210,6 +210,20 @@ def device_budget_bytes(device, local_devices: int = 1) -> float | None:
     return float(limit) * (GPU_BUDGET_FRACTION if platform == "gpu" else 1.0)
 
 
+def first_fitting(try_mode, modes=REMAT_ORDER):
+    """Tries ``modes`` in order, least recomputation first: ``try_mode(mode)`` returns
+    ``(fits, needed_bytes, payload)``. Returns ``(mode, payload, tried, fits)`` for the first
+    mode that fits, or for the last one tried when none does; ``tried`` holds one
+    ``(mode, needed_bytes)`` per mode tried, in order."""
+    tried = []
+    for mode in modes:
+        fits, need, payload = try_mode(mode)
+        tried.append((mode, need))
+        if fits:
+            break
+    return mode, payload, tried, fits
+
+
 def least_recompute(compile_mode, budget: float | None, platform: str,
                     modes=REMAT_ORDER):
     """``(mode, compiled, tried)``: the first of ``modes`` whose program ``compile_mode(mode)``
@@ -219,20 +233,19 @@ def least_recompute(compile_mode, budget: float | None, platform: str,
     A compile refused with RESOURCE_EXHAUSTED (TPU) counts as not fitting; any other error
     propagates. Raises :class:`DoesNotFitError` (one line, every mode's need) when none fits.
     """
-    tried = []
-    for mode in modes:
+    def try_mode(mode):
         try:
             compiled = compile_mode(mode)
         except Exception as e:  # noqa: BLE001 - XLA raises its own types
-            msg = str(e)
-            if "RESOURCE_EXHAUSTED" not in msg:
+            if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            tried.append((mode, parse_resource_exhausted(msg)[0]))
-            continue
+            return False, parse_resource_exhausted(str(e))[0], None
         need = compiled_memory(compiled, platform)["peak"]
-        tried.append((mode, need))
-        if budget is None or need <= budget:
-            return mode, compiled, tried
+        return budget is None or need <= budget, need, compiled
+
+    mode, compiled, tried, fits = first_fitting(try_mode, modes)
+    if fits:
+        return mode, compiled, tried
     needs = ", ".join(f"remat={m}: {fmt_gib(n)}" for m, n in tried)
     raise DoesNotFitError(
         f"the training step does not fit {fmt_gib(budget)} per device ({needs}); use a smaller "
