@@ -1,7 +1,7 @@
 """This port against the authors' PyTorch PromptReg, side by side on one machine, in one run.
 
     python benchmarks/compare_reference.py --reference-dir DIR [--sizes 64 96] [--modes train,infer]
-        [--repeats 3] [--rounds 2] [--reference-python PY] [--remat] [--malloc-trim]
+        [--device cpu|gpu] [--repeats 3] [--rounds 2] [--reference-python PY] [--remat] [--malloc-trim]
         [--clear-caches] [--aot] [--port-env KEY=VALUE ...] [--port-configs default remat+trim ...] [--no-parity]
         [--json OUT.json]
 
@@ -26,6 +26,13 @@ while stepping (kernel high-water mark reset after compiling) and XLA's temp pla
 Before timing, one process with both libraries converts the reference's initial weights
 (``promptreg_jax.convert``, flow heads scaled up so that the flow is a real deformation) and checks
 that both compute the same loss terms and gradient norm from them (``--no-parity`` skips it).
+
+``--device gpu`` runs the reference on CUDA (torch's defaults: TF32 convolutions, cuDNN
+autotuning off) and expects the port on a GPU too (JAX's default backend; its own default precision
+permits TF32 there too). Both sides then also report the GPU's peak memory (torch's
+``max_memory_allocated``, JAX's ``peak_bytes_in_use``; each the allocator's high-water mark over
+the process), and the ratio lines compare that instead of the host's RSS. The parity check still
+runs the reference on the CPU.
 
 ``--aot`` (port config ``aot``) compiles the port in a child process that writes JAX's persistent
 compilation cache, then loads every executable from it, so the measuring process never holds the
@@ -114,19 +121,26 @@ def load_reference(reference_dir):
     return model_module.PromptReg, train.MIND_loss, train.Grad3d
 
 
-def _torch_inputs(size):
+def _torch_device(args) -> str:
+    """The reference's torch device: ``cuda`` for ``--device gpu``, else ``cpu``."""
+    return "cuda" if getattr(args, "device", "cpu") == "gpu" else "cpu"
+
+
+def _torch_inputs(size, device="cpu"):
     import torch
     b = bench._batch(size, 1)
-    to = lambda x: torch.from_numpy(x[..., 0][:, None].copy())  # (B,X,Y,Z,1) -> (B,1,X,Y,Z)
-    return to(b["moving"]), to(b["fixed"]), torch.from_numpy(b["task_id"].astype("int64"))
+    to = lambda x: torch.from_numpy(x[..., 0][:, None].copy()).to(device)  # (B,X,Y,Z,1) -> (B,1,X,Y,Z)
+    return (to(b["moving"]), to(b["fixed"]),
+            torch.from_numpy(b["task_id"].astype("int64")).to(device))
 
 
-def _reference_setup(size, reference_dir):
+def _reference_setup(size, reference_dir, device="cpu"):
     import torch
     PromptReg, MIND_loss, Grad3d = load_reference(reference_dir)
     torch.manual_seed(0)
-    model = PromptReg(inshape=(size,) * 3, channels=CHANNELS, task_total_number=NUM_TASKS)
-    mind, grad = MIND_loss("cpu"), Grad3d(penalty="l2")
+    model = PromptReg(inshape=(size,) * 3, channels=CHANNELS,
+                      task_total_number=NUM_TASKS).to(device)
+    mind, grad = MIND_loss(device), Grad3d(penalty="l2")
 
     def loss_fn(moving, fixed, task_id):
         warped, flow, ort, cls = model(moving, fixed, task_id, is_training=True)
@@ -149,8 +163,11 @@ def _torch_flops(fn):
 
 def reference_child(mode, size, args):
     import torch
-    model, loss_fn = _reference_setup(size, args.reference_dir)
-    moving, fixed, task_id = _torch_inputs(size)
+    device = _torch_device(args)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device gpu: torch sees no CUDA device (a CPU-only torch wheel?)")
+    model, loss_fn = _reference_setup(size, args.reference_dir, device)
+    moving, fixed, task_id = _torch_inputs(size, device)
     if mode == "train":
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=0, amsgrad=True)
@@ -168,14 +185,27 @@ def reference_child(mode, size, args):
             with torch.no_grad():
                 return model(moving, fixed, task_id, is_training=False)[:2]
 
-    median, times, last = bench._time_calls(call, args.repeats, block=lambda x: x)
+    def block(x):  # CUDA runs asynchronously: a call ends when its kernels have
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return x
+    median, times, last = bench._time_calls(call, args.repeats, block=block)
     peak = bench.process_peak_rss_gib()
+    gpu = {}
+    if device == "cuda":  # the caching allocator's high-water mark, the whole process's life
+        gpu = dict(device_peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                   device_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30,
+                   gpu=torch.cuda.get_device_name(),
+                   cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+                   tf32_conv=bool(torch.backends.cudnn.allow_tf32),
+                   tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32))
     if mode == "train":
         flops = _torch_flops(lambda: loss_fn(moving, fixed, task_id)[0].backward())
     else:
         flops = _torch_flops(lambda: call())
     out = dict(side="reference", mode=mode, size=size, median_s=median, times_s=times,
-               rss_gib=peak, flops=flops, threads=torch.get_num_threads(), torch=torch.__version__)
+               rss_gib=peak, flops=flops, threads=torch.get_num_threads(), torch=torch.__version__,
+               device=device, **gpu)
     if mode == "train":
         out["loss"] = float(last)
     return out
@@ -295,14 +325,15 @@ def port_child(mode, size, args):
     reset = bench.reset_peak_rss()
     call = make_call(compiled)
     median, times, last = bench._time_calls(call, args.repeats)
+    device = {k: v for k, v in bench.peak_memory().items() if k != "rss_gib"}
     out = dict(side="port", mode=mode, size=size, median_s=median, times_s=times,
                compile_s=compile_s, rss_gib=bench.process_peak_rss_gib(),
                peak_before_compile_gib=before_compile, rss_compile_gib=compile_peak,
                run_rss_gib=bench.run_peak_rss_gib() if reset else None,
                flops=_xla_flops(compiled), remat=bool(args.remat),
                malloc_trim=bool(args.malloc_trim), clear_caches=bool(args.clear_caches),
-               jax=jax.__version__,
-               **aot, **bench.planned_memory(compiled))
+               jax=jax.__version__, backend=jax.default_backend(),
+               **device, **aot, **bench.planned_memory(compiled))
     if mode == "train":
         out["loss"] = float(last["loss"])
     if aot:
@@ -375,7 +406,8 @@ def summarise(results):
     times = [t for r in results for t in r["times_s"]]
     out = dict(median_s=statistics.median(times), calls=len(times), processes=len(results),
                rss_gib=max(r["rss_gib"] for r in results), flops=results[0].get("flops"))
-    for key in ("compile_s", "rss_compile_gib", "run_rss_gib", "plan_temp_gib"):
+    for key in ("compile_s", "rss_compile_gib", "run_rss_gib", "plan_temp_gib",
+                "device_peak_gib"):
         vals = [r[key] for r in results if r.get(key) is not None]
         if vals:
             out[key] = max(vals) if "gib" in key else statistics.median(vals)
@@ -383,11 +415,15 @@ def summarise(results):
 
 
 def ratio_line(mode, size, port, ref, why_not=""):
-    """``ratio train 64: time 0.78x, peak RSS 0.95x`` (this port / the authors')."""
+    """``ratio train 64: time 0.78x, peak RSS 0.95x`` (this port / the authors'); on a GPU
+    (both sides report their device's peak) ``peak GPU memory`` instead of the host's RSS."""
     if port is None or ref is None:
         return f"ratio {mode} {size}: n/a ({why_not or 'a side did not finish'})"
-    return (f"ratio {mode} {size}: time {port['median_s'] / ref['median_s']:.2f}x, "
-            f"peak RSS {port['rss_gib'] / ref['rss_gib']:.2f}x")
+    if port.get("device_peak_gib") and ref.get("device_peak_gib"):
+        memory = f"peak GPU memory {port['device_peak_gib'] / ref['device_peak_gib']:.2f}x"
+    else:
+        memory = f"peak RSS {port['rss_gib'] / ref['rss_gib']:.2f}x"
+    return f"ratio {mode} {size}: time {port['median_s'] / ref['median_s']:.2f}x, {memory}"
 
 
 def _fmt(v, spec, unit=""):
@@ -403,8 +439,9 @@ def table(rows, extra_rows=()):
     items = [(size, mode, "", port, ref) for (size, mode), (port, ref) in rows.items()]
     items += [(size, mode, f" [{name}]", port, ref) for size, mode, name, port, ref in extra_rows]
     for size, mode, label, port, ref in items:
-        side = lambda s: "not run" if s is None else (f"{s['median_s']:.2f} s, "
-                                                      f"{s['rss_gib']:.2f} GiB")
+        side = lambda s: "not run" if s is None else (
+            f"{s['median_s']:.2f} s, {s['rss_gib']:.2f} GiB"
+            + (f" (GPU {s['device_peak_gib']:.2f} GiB)" if s.get("device_peak_gib") else ""))
         extra = "-" if port is None else (
             f"{_fmt(port.get('compile_s'), '.0f', ' s')} / "
             f"{_fmt(port.get('rss_compile_gib'), '.2f', ' GiB')} / "
@@ -429,7 +466,7 @@ def parse_port_config(text):
 
 def _child_cmd(python, kind, mode, size, args, config=frozenset()):
     cmd = [python, os.path.abspath(__file__), "--child", kind, "--child-mode", mode,
-           "--sizes", str(size), "--repeats", str(args.repeats)]
+           "--sizes", str(size), "--repeats", str(args.repeats), "--device", args.device]
     if args.reference_dir:
         cmd += ["--reference-dir", os.path.abspath(args.reference_dir)]
     if args.remat or "remat" in config:
@@ -456,7 +493,9 @@ def _port_env(args, config=frozenset()):
 def _describe(r):
     if "error" in r:
         return f"not measured ({r['error']})"
-    s = f"{r['median_s']:.2f} s (median of {len(r['times_s'])}), peak RSS {r['rss_gib']:.2f} GiB"
+    s = f"{r['median_s']:.3f} s (median of {len(r['times_s'])}), peak RSS {r['rss_gib']:.2f} GiB"
+    if r.get("device_peak_gib") is not None:
+        s += f", peak GPU memory {r['device_peak_gib']:.2f} GiB"
     if r["side"] == "port":
         s += (f" (compile {r['compile_s']:.0f} s; peak while compiling "
               f"{_fmt(r.get('rss_compile_gib'), '.2f', ' GiB')}, while stepping "
@@ -467,7 +506,7 @@ def _describe(r):
                   f"peak RSS {r['aot_compile_process_rss_gib']:.2f} GiB, persistent cache "
                   f"{r['aot_cache_events']}")
     else:
-        s += f" ({r['threads']} threads, torch {r['torch']})"
+        s += (f" ({r.get('gpu') or str(r['threads']) + ' threads'}, torch {r['torch']})")
     if r.get("loss") is not None:
         s += f", loss {r['loss']:.5f}"
     return s
@@ -479,6 +518,9 @@ def parse_args(argv=None):
     ap.add_argument("--reference-python", default=None,
                     help="interpreter with torch for the reference side (default: this one)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[64])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                    help="where the reference runs (torch, 'gpu' = cuda); the port runs on "
+                         "JAX's default backend, so set JAX_PLATFORMS to match")
     ap.add_argument("--modes", default="train,infer")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per process")
     ap.add_argument("--rounds", type=int, default=2,
@@ -534,13 +576,14 @@ def main(argv=None) -> dict:
     ref_python = args.reference_python or sys.executable
     ref_ok, why_not = reference_status(args.reference_dir, ref_python)
     print(f"compare_reference: port in {sys.executable}, reference in {ref_python}; "
-          f"{os.cpu_count()} CPUs; port env: {' '.join(args.port_env) or '-'}; "
+          f"{os.cpu_count()} CPUs; reference on {args.device}; port env: {' '.join(args.port_env) or '-'}; "
           f"remat={args.remat} malloc_trim={args.malloc_trim}; port configs: "
           f"{', '.join(name for name, _ in args.port_configs)}", flush=True)
     if not ref_ok:
         print(f"reference not run: {why_not}; measuring the port alone", flush=True)
     results = dict(reference_run=ref_ok, reference_not_run_reason=why_not or None,
                    config=dict(sizes=args.sizes, modes=args.modes, repeats=args.repeats,
+                               device=args.device,
                                rounds=args.rounds, remat=args.remat,
                                malloc_trim=args.malloc_trim, port_env=args.port_env,
                                port_configs=[name for name, _ in args.port_configs]),

@@ -37,6 +37,23 @@ def test_ratio_line_format(cr):
     assert cr.ratio_line("train", 64, port, None).startswith("ratio train 64: n/a (")
 
 
+def test_gpu_runs_compare_gpu_memory(cr):
+    """``--device gpu``: the children are told, the peak GPU memory is pooled and compared."""
+    args = cr.parse_args(["--sizes", "32", "--device", "gpu"])
+    for kind in ("port", "reference", "parity"):
+        cmd = cr._child_cmd("py", kind, "train", 32, args)
+        assert cmd[cmd.index("--device") + 1] == "gpu"
+    assert cr._torch_device(args) == "cuda" and cr._torch_device(cr.parse_args([])) == "cpu"
+    runs = [dict(times_s=[0.4], rss_gib=3.0, flops=1.0, device_peak_gib=12.0),
+            dict(times_s=[0.6], rss_gib=2.0, flops=1.0, device_peak_gib=13.0)]
+    port, ref = cr.summarise(runs), _summary(0.8, 1.0, device_peak_gib=10.0)
+    assert port["device_peak_gib"] == 13.0
+    assert cr.ratio_line("train", 160, port, ref) == \
+        "ratio train 160: time 0.62x, peak GPU memory 1.30x"
+    assert "| 160^3 train | 0.80 s, 1.00 GiB (GPU 10.00 GiB) | 0.50 s, 3.00 GiB (GPU 13.00 GiB) |" \
+        in cr.table({(160, "train"): (port, ref)})
+
+
 def test_summaries_pool_every_timed_call(cr):
     runs = [dict(times_s=[1.0, 5.0], rss_gib=2.0, flops=7.0, compile_s=10.0, run_rss_gib=1.5),
             dict(times_s=[2.0], rss_gib=3.0, flops=7.0, compile_s=20.0, run_rss_gib=1.0)]

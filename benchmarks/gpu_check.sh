@@ -1,0 +1,57 @@
+#!/bin/bash
+# The GPU checks of promptreg-jax in one command: the paper's training step and inference on a real
+# GPU, beside the authors' PyTorch code on the same card, and the step's memory/time trade-offs.
+#
+#   OUT=gpu_out REFERENCE_DIR=/path/to/PromptReg bash benchmarks/gpu_check.sh
+#
+# Environment: OUT (folder for log.txt and the JSON files; default ./gpu_check_out), REFERENCE_DIR
+# (a checkout of https://github.com/xiehousheng/PromptReg; without it the port is measured alone),
+# PY (an interpreter with jax[cuda], flax, optax, ml_collections, grain, nibabel and torch; default
+# python3), SIZE (default 160), REPEATS (timed steps per process, default 5), DEVICE (gpu; cpu
+# runs the same stages on the CPU, e.g. SIZE=16 DEVICE=cpu as a dry run).
+# Stages, most important first, each under its own time limit so that one slow stage cannot
+# stop the rest: (1) benchmarks/compare_reference.py, training step and inference, port against
+# the authors' code (parity checked at 16^3); (2) benchmarks/run.py training step with
+# model.remat=levels; (3) the same without remat and the scatter-add sampler (PROMPTREG_SAMPLER);
+# (4) the same in bfloat16.
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu_check_out}; PY=${PY:-python3}; S=${SIZE:-160}; R=${REPEATS:-5}; DEV=${DEVICE:-gpu}
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+T0=$(date +%s)
+stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
+stamp "environment"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true; nproc; } | tee -a "$LOG"
+timeout 120 "$PY" - <<'PY' 2>&1 | tee -a "$LOG"
+import jax, jaxlib, flax, optax
+from promptreg_jax import conv, memory, sampling
+d = jax.devices()[0]
+print(f"jax {jax.__version__} jaxlib {jaxlib.__version__} flax {flax.__version__} "
+      f"optax {optax.__version__}; devices {jax.devices()}")
+budget = memory.device_budget_bytes(d)
+print(f"trainer's memory budget per device: {memory.fmt_gib(budget) if budget else 'unknown'}; "
+      f"sampler auto -> {sampling.resolve_sampler('auto')}; platform {conv.current_platform(None)}")
+try:
+    import torch
+    print(f"torch {torch.__version__}, cuda {torch.version.cuda}, "
+          f"sees a GPU: {torch.cuda.is_available()}")
+except ImportError:
+    print("torch not installed: the authors' code will not run")
+PY
+REF=()
+[ -n "${REFERENCE_DIR:-}" ] && REF=(--reference-dir "$REFERENCE_DIR")
+stamp "1. compare_reference.py: training step and inference at ${S}^3, port and authors' code"
+timeout 300 "$PY" benchmarks/compare_reference.py ${REF[@]+"${REF[@]}"} --device "$DEV" --sizes "$S" \
+  --modes train,infer --rounds 1 --repeats "$R" --parity-size 16 --child-timeout 150 \
+  --json "$OUT/compare_$S.json" 2>&1 | tee -a "$LOG"
+stamp "2. run.py: training step, model.remat=levels"
+timeout 90 "$PY" benchmarks/run.py --sizes "$S" --what train --remat --repeats 3 \
+  --child-timeout 85 --json "$OUT/remat_$S.json" 2>&1 | tee -a "$LOG"
+stamp "3. run.py: training step, the scatter-add sampler"
+PROMPTREG_SAMPLER=scatter timeout 90 "$PY" benchmarks/run.py --sizes "$S" --what train \
+  --repeats 3 --child-timeout 85 --json "$OUT/scatter_$S.json" 2>&1 | tee -a "$LOG"
+stamp "4. run.py: training step, bfloat16"
+timeout 90 "$PY" benchmarks/run.py --sizes "$S" --what train --dtype bfloat16 --repeats 3 \
+  --child-timeout 85 --json "$OUT/bf16_$S.json" 2>&1 | tee -a "$LOG"
+stamp "done"
