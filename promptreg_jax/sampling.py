@@ -70,7 +70,7 @@ def _linear_backward(volume_NxC, coords_Px3, shape, g):
     for flat, weight, dweight in _corners(coords_Px3, shape):
         rows = jnp.take(volume_NxC, flat, axis=0)
         d_coords = d_coords + dweight * jnp.sum(rows * g, axis=-1, keepdims=True)
-        d_volume = d_volume.at[flat].add(weight[:, None] * g)
+        d_volume = d_volume.at[flat].add((weight[:, None] * g).astype(d_volume.dtype))
     return d_volume.astype(volume_NxC.dtype), d_coords
 
 
@@ -156,7 +156,7 @@ def _volume_grad_cells(coords_Px3, shape, g):
     flat, w, _ = _cells(coords_Px3, shape)
     if C <= _NARROW:  # channel-first: (8 C, cells), scattered along the voxel axis
         cols = (w.T[:, None, :] * g.T[None, :, :]).reshape(8 * C, -1)
-        cells = jnp.zeros((8 * C, n_cells), g.dtype).at[:, flat].add(cols)
+        cells = jnp.zeros((8 * C, n_cells), g.dtype).at[:, flat].add(cols.astype(g.dtype))
         cells = cells.reshape(8, C, X + 1, Y + 1, Z + 1)
         out = 0.0
         for corner in range(8):
@@ -165,7 +165,7 @@ def _volume_grad_cells(coords_Px3, shape, g):
             out = out + slab[:, 1:X + 1, 1:Y + 1, 1:Z + 1]
         return out.reshape(C, -1).T
     rows = (w[:, :, None] * g[:, None, :]).reshape(-1, 8 * C)
-    cells = jnp.zeros((n_cells, 8 * C), g.dtype).at[flat].add(rows)
+    cells = jnp.zeros((n_cells, 8 * C), g.dtype).at[flat].add(rows.astype(g.dtype))
     cells = cells.reshape(X + 1, Y + 1, Z + 1, 8, C)
     # Corner b of cell index i (cell i - 1) lands on grid voxel i - 1 + b: padded index i + b.
     # Static pads and slices, no scatter.

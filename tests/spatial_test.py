@@ -245,6 +245,27 @@ def test_sampler_environment_override(monkeypatch):
     assert W._form_for("mixed", 3) == "cells" and W._form_for("mixed", 16) == "scatter"
 
 
+@pytest.mark.parametrize("sampler", ["scatter", "cells"])
+def test_bfloat16_backward_has_no_implicit_downcast(sampler):
+    """bfloat16 images and features (``model.dtype``): each form's scatter-add of float32
+    weights times bfloat16 cotangents casts explicitly (an implicit float32 -> bfloat16 scatter is
+    a FutureWarning in jax 0.10-0.11 that says it will become an error), and the gradient stays close
+    to float32's. Channels 2 and 16 cover the cells form's channel-first and row layouts."""
+    import warnings
+    for channels in (2, 16):
+        img, flow = _rand((1, 6, 5, 7, channels), 30), _rand((1, 6, 5, 7, 3), 31, 1.5)
+        fn = lambda a, b: jnp.sum(W.warp(a, b).astype(jnp.float32) ** 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            v16, (gi16, gf16) = _grads(fn, (img.astype(jnp.bfloat16), flow), sampler, (0, 1))
+        v32, (gi32, gf32) = _grads(fn, (img, flow), sampler, (0, 1))
+        assert gi16.dtype == jnp.bfloat16 and gf16.dtype == jnp.float32
+        np.testing.assert_allclose(float(v16), float(v32), rtol=3e-2)
+        for a, b in ((gi16, gi32), (gf16, gf32)):
+            scale = float(jnp.max(jnp.abs(b)))
+            np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=5e-2 * scale)
+
+
 def test_mixed_form_equals_scatter_form():
     img, flow = _rand((1, 6, 5, 7, 8), 20), _rand((1, 6, 5, 7, 3), 21, 2.0)
     fn = lambda a, b: jnp.sum(W.warp(a, b) ** 2) + jnp.sum(W.integrate(b, 3) ** 2)
