@@ -8,7 +8,8 @@
 # (a checkout of https://github.com/xiehousheng/PromptReg; without it the port is measured alone),
 # PY (an interpreter with jax[cuda], flax, optax, ml_collections, grain, nibabel and torch; default
 # python3), SIZE (default 160), REPEATS (timed steps per process, default 5), DEVICE (gpu; cpu
-# runs the same stages on the CPU, e.g. SIZE=16 DEVICE=cpu as a dry run).
+# runs the same stages on the CPU, e.g. SIZE=16 DEVICE=cpu as a dry run), LIMIT_SCALE (multiplies
+# every stage's time limit; default 1 on a GPU, 4 on a CPU).
 # Stages, most important first, each under its own time limit so that one slow stage cannot
 # stop the rest: (1) benchmarks/compare_reference.py, training step and inference, port against
 # the authors' code (parity checked at 16^3); (2) benchmarks/run.py training step with
@@ -17,6 +18,9 @@
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_check_out}; PY=${PY:-python3}; S=${SIZE:-160}; R=${REPEATS:-5}; DEV=${DEVICE:-gpu}
+# Stage time limits are sized for a GPU (its 160^3 compile: minutes); a CPU at 16^3 needs more (x4).
+X=${LIMIT_SCALE:-$([ "$DEV" = cpu ] && echo 4 || echo 1)}
+lim() { echo $(( $1 * X )); }
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
 T0=$(date +%s)
@@ -42,16 +46,16 @@ PY
 REF=()
 [ -n "${REFERENCE_DIR:-}" ] && REF=(--reference-dir "$REFERENCE_DIR")
 stamp "1. compare_reference.py: training step and inference at ${S}^3, port and authors' code"
-timeout 300 "$PY" benchmarks/compare_reference.py ${REF[@]+"${REF[@]}"} --device "$DEV" --sizes "$S" \
-  --modes train,infer --rounds 1 --repeats "$R" --parity-size 16 --child-timeout 150 \
+timeout $(lim 420) "$PY" benchmarks/compare_reference.py ${REF[@]+"${REF[@]}"} --device "$DEV" --sizes "$S" \
+  --modes train,infer --rounds 1 --repeats "$R" --parity-size 16 --child-timeout $(lim 200) \
   --json "$OUT/compare_$S.json" 2>&1 | tee -a "$LOG"
 stamp "2. run.py: training step, model.remat=levels"
-timeout 90 "$PY" benchmarks/run.py --sizes "$S" --what train --remat --repeats 3 \
-  --child-timeout 85 --json "$OUT/remat_$S.json" 2>&1 | tee -a "$LOG"
+timeout $(lim 240) "$PY" benchmarks/run.py --sizes "$S" --what train --remat --repeats 3 \
+  --child-timeout $(lim 230) --json "$OUT/remat_$S.json" 2>&1 | tee -a "$LOG"
 stamp "3. run.py: training step, the scatter-add sampler"
-PROMPTREG_SAMPLER=scatter timeout 90 "$PY" benchmarks/run.py --sizes "$S" --what train \
-  --repeats 3 --child-timeout 85 --json "$OUT/scatter_$S.json" 2>&1 | tee -a "$LOG"
+PROMPTREG_SAMPLER=scatter timeout $(lim 240) "$PY" benchmarks/run.py --sizes "$S" --what train \
+  --repeats 3 --child-timeout $(lim 230) --json "$OUT/scatter_$S.json" 2>&1 | tee -a "$LOG"
 stamp "4. run.py: training step, bfloat16"
-timeout 90 "$PY" benchmarks/run.py --sizes "$S" --what train --dtype bfloat16 --repeats 3 \
-  --child-timeout 85 --json "$OUT/bf16_$S.json" 2>&1 | tee -a "$LOG"
+timeout $(lim 240) "$PY" benchmarks/run.py --sizes "$S" --what train --dtype bfloat16 --repeats 3 \
+  --child-timeout $(lim 230) --json "$OUT/bf16_$S.json" 2>&1 | tee -a "$LOG"
 stamp "done"
