@@ -123,7 +123,7 @@ def load_reference(reference_dir):
 
 def _torch_device(args) -> str:
     """The reference's torch device: ``cuda`` for ``--device gpu``, else ``cpu``."""
-    return "cuda" if getattr(args, "device", "cpu") == "gpu" else "cpu"
+    return "cuda" if args.device == "gpu" else "cpu"
 
 
 def _torch_inputs(size, device="cpu"):

@@ -49,13 +49,15 @@ stamp "1. compare_reference.py: training step and inference at ${S}^3, port and 
 timeout $(lim 420) "$PY" benchmarks/compare_reference.py ${REF[@]+"${REF[@]}"} --device "$DEV" --sizes "$S" \
   --modes train,infer --rounds 1 --repeats "$R" --parity-size 16 --child-timeout $(lim 200) \
   --json "$OUT/compare_$S.json" 2>&1 | tee -a "$LOG"
-stamp "2. run.py: training step, model.remat=levels"
-timeout $(lim 240) "$PY" benchmarks/run.py --sizes "$S" --what train --remat --repeats 3 \
-  --child-timeout $(lim 230) --json "$OUT/remat_$S.json" 2>&1 | tee -a "$LOG"
-stamp "3. run.py: training step, the scatter-add sampler"
-PROMPTREG_SAMPLER=scatter timeout $(lim 240) "$PY" benchmarks/run.py --sizes "$S" --what train \
-  --repeats 3 --child-timeout $(lim 230) --json "$OUT/scatter_$S.json" 2>&1 | tee -a "$LOG"
-stamp "4. run.py: training step, bfloat16"
-timeout $(lim 240) "$PY" benchmarks/run.py --sizes "$S" --what train --dtype bfloat16 --repeats 3 \
-  --child-timeout $(lim 230) --json "$OUT/bf16_$S.json" 2>&1 | tee -a "$LOG"
+# The training step alone in one variant: train_variant LABEL FILE [VAR=VALUE ...] -- [run.py options]
+train_variant() {
+  local label=$1 file=$2; shift 2
+  local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+  stamp "$label"
+  env ${envs[@]+"${envs[@]}"} timeout $(lim 240) "$PY" benchmarks/run.py --sizes "$S" --what train \
+    --repeats 3 --child-timeout $(lim 230) --json "$OUT/${file}_$S.json" "$@" 2>&1 | tee -a "$LOG"
+}
+train_variant "2. run.py: training step, model.remat=levels" remat -- --remat
+train_variant "3. run.py: training step, the scatter-add sampler" scatter PROMPTREG_SAMPLER=scatter --
+train_variant "4. run.py: training step, bfloat16" bf16 -- --dtype bfloat16
 stamp "done"
