@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
 from promptreg_jax import model as model_lib, optim, sharding, train
-from train_test import _assert_params_close, _flat
+from train_test import _flat
 
 SIZE = (32, 16, 16)   # X = 32: every level splits over space = 4 (32 = 8 x 4)
 BATCH = 2
@@ -28,14 +28,37 @@ def _setup(tmp_path):
     config.data.image_size = SIZE
     config.model.conv_impl = "native"
     model = model_lib.build_model(model_lib.model_settings(config, num_tasks=5))
-    schedule = optim.make_schedule(config.optim.lr, 4, config.optim.power, 1, "step")
-    tx = optim.make_optimizer(schedule)
+    # The trainer's AMSGrad with eps 1: its first step is -lr g / (|g| + 1), linear in the
+    # gradient where |g| << 1, so the parameters' change compares the gradients. (With the usual
+    # eps, 1e-8, that step is -lr sign(g) for nearly every value: it compares the gradients' signs
+    # only, and a near-zero gradient's sign is round-off, which differs between reduction orders;
+    # jax 0.11.2 flipped 0.3 % of them.) lr 1e3 keeps the change far above the parameters'
+    # float32 resolution for leaves whose gradients are 1e-6.
+    schedule = optim.make_schedule(1e3, 4, config.optim.power, 1, "step")
+    tx = optim.make_optimizer(schedule, eps=1.0)
     weights = {k: float(config.loss[k]) for k in ("mind", "smooth", "ort", "ts")}
     rng = np.random.default_rng(0)
     batch = {"moving": rng.random((BATCH, *SIZE, 1), np.float32),
              "fixed": rng.random((BATCH, *SIZE, 1), np.float32),
              "task_id": np.array([1, 3], np.int32)}
     return config, model, tx, schedule, weights, batch
+
+
+def _assert_same_gradients(a, b, rtol=1e-3, global_atol=1e-6):
+    """Two steps' gradients (here: parameter changes proportional to them), leaf by leaf, within
+    ``rtol`` of the leaf's largest value plus ``global_atol`` of the largest anywhere.
+
+    The second term is float32 round-off: a reduction's error scales with the terms it sums, and
+    a leaf whose gradient is a small difference of large terms (1e-6 to 1e-5 of the largest here:
+    the decoder's full-resolution kernels behind flow heads initialised at 1e-5, biases before
+    instance norm) carries an error set by those terms. Measured (2026-12-04): at most 0.34 of
+    this bound under jax 0.11.2 (``cconv_1``'s second kernel, space=4), 0.005 under 0.10.2.
+    """
+    assert set(a) == set(b)
+    top = max(float(np.abs(v).max()) for v in a.values())
+    for k in a:
+        atol = rtol * float(np.abs(a[k]).max()) + global_atol * top
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=atol, err_msg=k)
 
 
 def _conv_outputs(hlo: str):
@@ -54,9 +77,11 @@ def _run(mesh, model, tx, schedule, weights, batch):
     arrays = {k: jax.make_array_from_process_local_data(shardings[k], v, v.shape)
               for k, v in batch.items()}
     state = init(jax.random.PRNGKey(42))
+    before = _flat(state["params"])  # the step donates the state
     compiled = step.lower(state, arrays).compile()
     new_state, metrics = compiled(state, arrays)
-    return arrays, compiled, _flat(new_state["params"]), jax.device_get(metrics)
+    moved = {k: v - before[k] for k, v in _flat(new_state["params"]).items()}  # -lr g/(|g|+1)
+    return arrays, compiled, moved, jax.device_get(metrics)
 
 
 def test_data_and_space_sharded_steps_equal_the_single_device_step(tmp_path):
@@ -95,7 +120,7 @@ def test_data_and_space_sharded_steps_equal_the_single_device_step(tmp_path):
         np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-5, err_msg=str(key))
         np.testing.assert_allclose(m["mind"], m1["mind"], rtol=1e-5, err_msg=str(key))
         np.testing.assert_allclose(m["grad_norm"], m1["grad_norm"], rtol=1e-4, err_msg=str(key))
-        _assert_params_close(p1, p)
+        _assert_same_gradients(p1, p)
 
 
 def _with_mesh(config, text, **train_kw):

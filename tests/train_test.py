@@ -27,8 +27,10 @@ def _assert_params_close(a, b):
     """
     _assert_params_within_adam_cap(a, b)
     total = sum(a[k].size for k in a)
-    close = sum(int(np.sum(np.abs(a[k] - b[k]) <= 1e-5)) for k in a)
-    assert close >= 0.999 * total, (close, total)
+    far = {k: int(np.sum(np.abs(a[k] - b[k]) > 1e-5)) for k in a}
+    close = total - sum(far.values())
+    worst = sorted(((n, k, a[k].size) for k, n in far.items() if n), reverse=True)[:8]
+    assert close >= 0.999 * total, (close, total, worst)
 
 
 def _assert_params_within_adam_cap(a, b):
