@@ -274,6 +274,8 @@ def format_report(r: dict) -> str:
         f"program     {r['what']} at {'x'.join(map(str, r['size']))}, global batch {r['batch']}, "
         f"{r['dtype']}, remat {_remat_word(r['remat'])}, conv {r['conv_impl']}, "
         f"sampler {r['sampler']}" + (f", fold {r['fold']}" if r.get("fold") else "")
+        + (f" on {r['fold_levels']} levels" if r.get("fold") and r.get("fold_levels", 1) > 1
+           else "")
         + (f", schedule {','.join(map(str, r['schedule']))}" if r.get("schedule") else "")
         + f", config {r['config']}",
     ]
@@ -468,6 +470,8 @@ def measure(args) -> dict:
         config.model.conv_impl = args.conv_impl
     if args.fold is not None:
         config.model.fold = args.fold
+    if args.fold_levels is not None:
+        config.model.fold_levels = args.fold_levels
     if args.schedule:
         try:
             sched = tuple(int(x) for x in args.schedule.split(","))
@@ -491,6 +495,7 @@ def measure(args) -> dict:
         conv_resolved = conv.resolve_conv_impl(config.model.conv_impl)
         sampler_resolved = spatial.resolve_sampler()
         fold_resolved = model_lib.resolve_fold(config.model.get("fold", "auto"))
+        fold_levels = int(config.model.get("fold_levels", 1))
         fn, fn_args = build_program(config, args.what, mesh, batch)
         t0 = time.perf_counter()
         with sharding.spatial_mesh(mesh):  # feature maps split along X when space > 1
@@ -502,6 +507,7 @@ def measure(args) -> dict:
                       what=args.what, size=list(size), batch=batch,
                       dtype=str(config.model.dtype), remat=_remat_setting(config.model.remat),
                       conv_impl=conv_resolved, sampler=sampler_resolved, fold=fold_resolved,
+                      fold_levels=fold_levels,
                       schedule=[int(x) for x in config.model.schedule],
                       config=os.path.relpath(args.config, REPO) if os.path.isabs(args.config)
                       else args.config)
@@ -600,6 +606,9 @@ def main(argv=None) -> int:
     p.add_argument("--conv-impl", choices=("auto", "native", "depth_sum"), default=None)
     p.add_argument("--fold", choices=("auto", "0", "8"), default=None,
                    help="Z-fold of the full-resolution maps (model.fold; auto: 8 on TPU)")
+    p.add_argument("--fold-levels", type=int, choices=(1, 2), default=None,
+                   help="levels folded (model.fold_levels): 1 full resolution, 2 also 1/2 "
+                        "(by fold / 2)")
     p.add_argument("--schedule", default=None,
                    help="the decoder's estimates per level, 1/8 to 1 (default: the config's, "
                         "2,2,3,1)")

@@ -158,17 +158,23 @@ class ConvInsBlocks(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """VoxRes, pre-activation: ``y = x + conv(lrelu(IN(x)))``, then ``lrelu(IN(y))``; slope 0.1."""
+    """VoxRes, pre-activation: ``y = x + conv(lrelu(IN(x)))``, then ``lrelu(IN(y))``; slope 0.1.
+
+    ``fold``: on a Z-folded map (see :class:`Conv3D`), same parameters and numbers.
+    """
     negative_slope: float = 0.1
     conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
+    fold: int = 0
 
     @nn.compact
     def __call__(self, x):
         x = x.astype(self.dtype)
-        h = nn.leaky_relu(instance_norm(x), self.negative_slope)
-        h = Conv3D(x.shape[-1], conv_impl=self.conv_impl, dtype=self.dtype, name="conv")(h)
-        return nn.leaky_relu(instance_norm(h + x), self.negative_slope)
+        norm = (lambda v: instance_norm_folded(v, self.fold)) if self.fold else instance_norm
+        h = nn.leaky_relu(norm(x), self.negative_slope)
+        h = Conv3D(x.shape[-1] // max(self.fold, 1), conv_impl=self.conv_impl, dtype=self.dtype,
+                   fold=self.fold, name="conv")(h)
+        return nn.leaky_relu(norm(h + x), self.negative_slope)
 
 
 class UpConvBlock(nn.Module):

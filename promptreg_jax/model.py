@@ -37,25 +37,27 @@ class Encoder(nn.Module):
     """conv0 (ConvInsBlock 1->c), then three times: stride-2 conv (padding 1) + ResBlock.
 
     Returns the features at full, 1/2, 1/4 and 1/8 resolution with c, 2c, 4c, 8c channels.
-    ``fold`` > 0: the full-resolution features are returned Z-folded (``promptreg_jax.fold``).
+    ``folds`` (one Z-fold per level, 0 = unfolded): the features of a level with a fold are
+    computed and returned Z-folded (``promptreg_jax.fold``); the stride-2 convs see unfolded maps.
     """
     channels: int = 16
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
-    fold: int = 0
+    folds: tuple[int, ...] = (0, 0, 0, 0)
 
     @nn.compact
     def __call__(self, x):
         kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
-        if self.fold:
-            x = constrain_spatial(fold_z(x, self.fold))
-        h = constrain_spatial(ConvInsBlock(self.channels, name="conv0", fold=self.fold, **kw)(x))
+        fo = lambda h, k: constrain_spatial(fold_z(h, k)) if k else h
+        un = lambda h, k: constrain_spatial(unfold_z(h, k)) if k else h
+        k = self.folds[0]
+        h = constrain_spatial(ConvInsBlock(self.channels, name="conv0", fold=k, **kw)(fo(x, k)))
         feats = [h]
-        if self.fold:
-            h = constrain_spatial(unfold_z(h, self.fold))
         for i in (1, 2, 3):
-            h = Conv3D(self.channels * 2 ** i, strides=2, padding=1, name=f"conv{i}_0", **kw)(h)
-            h = constrain_spatial(ResBlock(name=f"conv{i}_1", **kw)(h))
+            h = Conv3D(self.channels * 2 ** i, strides=2, padding=1, name=f"conv{i}_0",
+                       **kw)(un(h, k))
+            k = self.folds[i]
+            h = constrain_spatial(ResBlock(name=f"conv{i}_1", fold=k, **kw)(fo(h, k)))
             feats.append(h)
         return feats
 
@@ -167,6 +169,17 @@ def resolve_fold(fold, platform: str | None = None) -> int:
     return k
 
 
+def level_folds(fold: int, fold_levels: int = 1) -> tuple[int, int, int, int]:
+    """The Z-fold of each resolution level (full, 1/2, 1/4, 1/8) for ``model.fold`` (resolved) and
+    ``model.fold_levels``: 1 folds the full-resolution level by ``fold``, 2 also the 1/2 level by
+    ``fold / 2`` (the channels double as the size halves: 16 x 8 = 32 x 4 = 128 lanes), unfolded
+    where that is below 2. (Folding the 1/4 level by 2 as well crashed libtpu 0.0.42.1's compiler,
+    in its space-to-batch pass on a kernel-gradient conv, so it is not offered.)"""
+    if int(fold_levels) not in (1, 2):
+        raise ValueError(f"fold_levels={fold_levels!r}: use 1 (full resolution) or 2 (also 1/2)")
+    return tuple(fold >> l if l < int(fold_levels) and fold >> l >= 2 else 0 for l in range(4))
+
+
 def remat_setting(remat):
     """``model.remat`` as saved in a checkpoint's settings: ``False``, ``True``, ``"blocks"`` or
     ``"auto"`` (the trainer saves the mode it chose)."""
@@ -201,7 +214,8 @@ class PromptReg(nn.Module):
     paper: the fusion output P) or ``"pooled_attention"`` (the authors' code, SPEC 2.4).
     ``fold`` (``"auto"``: 8 on TPU, else 0) runs the full-resolution encoder block and decoder
     level on Z-folded maps (``promptreg_jax.fold``: lane-dense on TPU, which pads a 16-channel
-    map 8x unfolded), same parameters and numbers.
+    map 8x unfolded), same parameters and numbers; ``fold_levels=2`` also folds the 1/2 level's
+    encoder blocks and decoder level (by ``fold / 2``).
     ``temperature`` 0.1 is the paper's, 0.5 the code's. ``dtype`` is the conv compute dtype; norms,
     flow heads, flows, warps and losses stay float32. ``remat`` keeps only the inputs of each
     encoder and each decoder level for the backward pass and recomputes them there
@@ -221,6 +235,7 @@ class PromptReg(nn.Module):
     dtype: Any = jnp.float32
     remat: bool | str = False
     fold: int | str = "auto"
+    fold_levels: int = 1
 
     def setup(self):
         # setup() rather than @nn.compact: nn.remat of a level needs submodules bound to self.
@@ -233,9 +248,9 @@ class PromptReg(nn.Module):
             raise ValueError(f"prompt_head must be one of {PROMPT_HEADS}, got {self.prompt_head!r}")
         c, kw = self.channels, dict(conv_impl=self.conv_impl, dtype=self.dtype)
         bkw = dict(kw, remat=traced_remat(self.remat) == "blocks")  # for ConvInsBlocks
-        fz = self._fold = resolve_fold(self.fold)
-        self.encoder_moving = Encoder(c, fold=fz, **kw)
-        self.encoder_fixed = Encoder(c, fold=fz, **kw)
+        self._folds = level_folds(resolve_fold(self.fold), self.fold_levels)
+        self.encoder_moving = Encoder(c, folds=self._folds, **kw)
+        self.encoder_fixed = Encoder(c, folds=self._folds, **kw)
         self.cconv_4 = ConvInsBlocks((8 * c, 8 * c), **bkw)
         if self.use_prompt:
             self.prompt_generator = PromptGenerator(self.num_tasks, self.temperature,
@@ -244,10 +259,11 @@ class PromptReg(nn.Module):
         self.dconv4 = ConvInsBlocks((8 * c, 8 * c), **bkw)
         # Levels 3, 2, 1 carry f = 4c, 2c, c decoder channels and 3f after concatenation.
         for level, f in ((3, 4 * c), (2, 2 * c), (1, c)):
-            lf = dict(fold=fz, groups=(f, f, f)) if level == 1 else {}  # full resolution
+            fz = self._folds[level - 1]
+            lf = dict(fold=fz, groups=(f, f, f)) if fz else {}
             setattr(self, f"upconv{level}", UpConvBlock(f, **kw))
             setattr(self, f"cconv_{level}", ConvInsBlocks((3 * f, 3 * f), **bkw, **lf))
-            setattr(self, f"dconv{level}", ConvInsBlock(f, fold=fz if level == 1 else 0, **kw))
+            setattr(self, f"dconv{level}", ConvInsBlock(f, fold=fz, **kw))
         for level in (4, 3, 2, 1):
             # Flow heads: N(0, 1e-5) weights, zero bias, computed in float32.
             setattr(self, f"defconv{level}", Conv3D(
@@ -255,8 +271,8 @@ class PromptReg(nn.Module):
                 bias_init=nn.initializers.zeros))
 
     def _folded(self, level) -> int:
-        """The Z-fold of a decoder level's feature maps (0: unfolded)."""
-        return self._fold if level == 1 else 0
+        """The Z-fold of a decoder level's feature maps (0: unfolded); level 1 = full resolution."""
+        return self._folds[level - 1]
 
     def _velocity_to_flow(self, level, feat):
         if self._folded(level):
@@ -283,6 +299,8 @@ class PromptReg(nn.Module):
             dconv = getattr(self, f"dconv{level}")
             step = lambda c, u: constrain_spatial(
                 cconv(jnp.concatenate([fixed_feat, warped(u), dconv(c)], -1)))
+            if self._folded(level + 1):  # the coarser level's features, folded there
+                feat = constrain_spatial(unfold_z(feat, self._folded(level + 1)))
             d = fo(constrain_spatial(getattr(self, f"upconv{level}")(feat)))
             flow = constrain_spatial(upsample_flow(flow))
             c = constrain_spatial(cconv(jnp.concatenate([fixed_feat, warped(flow), d], -1)))
@@ -307,7 +325,7 @@ class PromptReg(nn.Module):
         M = encode(self, "encoder_moving", moving.astype(self.dtype))
         F = encode(self, "encoder_fixed", fixed.astype(self.dtype))
         c4 = self.cconv_4(jnp.concatenate([F[3], M[3]], -1))
-        m0 = unfold_z(M[0], self._fold) if self._fold else M[0]
+        m0 = unfold_z(M[0], self._folds[0]) if self._folds[0] else M[0]
         inter = {"encoder_moving_level0": m0, "c4_after_cconv_4": c4}
         zero = jnp.zeros((), jnp.float32)
         if self.use_prompt:
@@ -345,7 +363,8 @@ def get_model(name: str, **kwargs) -> nn.Module:
 # A model's settings: the constructor arguments plus the name and the training image size; a
 # checkpoint stores them in ``meta["model"]`` and every command rebuilds the network from them.
 SETTINGS_KEYS = ("name", "channels", "num_tasks", "use_prompt", "prompt_head", "temperature",
-                 "schedule", "int_steps", "conv_impl", "dtype", "remat", "fold", "image_size")
+                 "schedule", "int_steps", "conv_impl", "dtype", "remat", "fold", "fold_levels",
+                 "image_size")
 
 
 def default_settings() -> dict:
@@ -365,6 +384,7 @@ def model_settings(config, num_tasks: int) -> dict:
                 temperature=float(m.temperature), schedule=[int(s) for s in m.schedule],
                 int_steps=int(m.int_steps), conv_impl=m.conv_impl, dtype=m.dtype,
                 remat=remat_setting(m.remat), fold=fold_setting(m.get("fold", "auto")),
+                fold_levels=int(m.get("fold_levels", 1)),
                 image_size=[int(s) for s in config.data.image_size])
 
 

@@ -8,7 +8,7 @@ import pytest
 from promptreg_jax import fold as F
 from promptreg_jax.conv import conv3d, target_platform
 from promptreg_jax.layers import instance_norm
-from promptreg_jax.model import PromptReg, resolve_fold
+from promptreg_jax.model import PromptReg, level_folds, resolve_fold
 
 
 def _rand(rng, *shape):
@@ -66,6 +66,15 @@ def test_instance_norm_folded_matches():
     np.testing.assert_allclose(got, instance_norm(x), atol=2e-5)
 
 
+def test_level_folds():
+    assert level_folds(8) == (8, 0, 0, 0) and level_folds(0, 2) == (0, 0, 0, 0)
+    assert level_folds(8, 2) == (8, 4, 0, 0) and level_folds(16, 2) == (16, 8, 0, 0)
+    assert level_folds(2, 2) == (2, 0, 0, 0)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="fold_levels="):
+            level_folds(8, bad)
+
+
 def test_resolve_fold():
     assert resolve_fold(0) == 0 and resolve_fold("8") == 8 and resolve_fold(16) == 16
     with target_platform("tpu"):
@@ -80,18 +89,21 @@ def test_resolve_fold():
 @pytest.mark.slow
 def test_folded_model_gives_the_unfolded_models_numbers():
     """Same parameters, same flow, losses and gradients with the full-resolution level folded
-    (schedule (1,1,1,2) also runs the folded dconv1); the parameter trees are identical."""
+    (schedule (1,1,1,2) also runs the folded dconv1); the parameter trees are identical.
+    With ``fold_levels=2`` the 1/2 level (encoder block, decoder level) is folded too, by 4."""
     rng = np.random.default_rng(3)
     size = (1, 16, 8, 16, 1)
     moving, fixed = jnp.asarray(rng.random(size), jnp.float32), jnp.asarray(rng.random(size),
                                                                             jnp.float32)
     kw = dict(channels=4, num_tasks=2, schedule=(1, 1, 1, 2), conv_impl="native")
     m0, m8 = PromptReg(fold=0, **kw), PromptReg(fold=8, **kw)
+    m84 = PromptReg(fold=8, fold_levels=2, **kw)  # also the 1/2 level, by 4
     params = m0.init(jax.random.key(0), moving, fixed)["params"]
-    p8 = m8.init(jax.random.key(0), moving, fixed)["params"]
-    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(p8)
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(p8)):
-        np.testing.assert_array_equal(a, b)
+    for m in (m8, m84):
+        p8 = m.init(jax.random.key(0), moving, fixed)["params"]
+        assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(p8)
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(p8)):
+            np.testing.assert_array_equal(a, b)
     # flow heads scaled up so the fields are voxels, not 1e-5
     params = jax.tree_util.tree_map(lambda p: p * 300 if p.ndim == 5 and p.shape[-1] == 3
                                     else p, params)
@@ -102,12 +114,13 @@ def test_folded_model_gives_the_unfolded_models_numbers():
         return value, out
 
     (l0, o0), g0 = jax.jit(jax.value_and_grad(lambda p: loss(m0, p), has_aux=True))(params)
-    (l8, o8), g8 = jax.jit(jax.value_and_grad(lambda p: loss(m8, p), has_aux=True))(params)
     assert float(jnp.abs(o0["flow"]).max()) > 0.3
-    np.testing.assert_allclose(o8["flow"], o0["flow"], atol=2e-5)
-    np.testing.assert_allclose(o8["intermediates"]["encoder_moving_level0"],
-                               o0["intermediates"]["encoder_moving_level0"], atol=2e-5)
-    np.testing.assert_allclose(l8, l0, rtol=1e-5)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(g0))
-    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g8)):
-        np.testing.assert_allclose(b, a, atol=2e-4 * scale)
+    for m in (m8, m84):
+        (l8, o8), g8 = jax.jit(jax.value_and_grad(lambda p: loss(m, p), has_aux=True))(params)
+        np.testing.assert_allclose(o8["flow"], o0["flow"], atol=2e-5)
+        np.testing.assert_allclose(o8["intermediates"]["encoder_moving_level0"],
+                                   o0["intermediates"]["encoder_moving_level0"], atol=2e-5)
+        np.testing.assert_allclose(l8, l0, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g8)):
+            np.testing.assert_allclose(b, a, atol=2e-4 * scale)
