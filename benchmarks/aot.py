@@ -282,8 +282,10 @@ def format_report(r: dict) -> str:
     if r.get("remat_auto"):
         lines.append("remat auto  " + "; ".join(
             f"{a['mode']}: {fmt_bytes(a['needed'])}, {'fits' if a['fits'] else 'does not fit'}"
-            for a in r["remat_auto"]) + f" -> {r['remat_auto'][-1]['mode']}"
-            + ("" if r["remat_auto"][-1]["fits"] else " (the least memory; nothing fits)"))
+            for a in r["remat_auto"])
+            + f" -> {r.get('remat_auto_choice', r['remat_auto'][-1]['mode'])}"
+            + ("" if any(a["fits"] for a in r["remat_auto"])
+               else " (the least memory; nothing fits)"))
     v = r["verdict"]
     per = "each device" if r["devices"] > 1 else "device 0"
     if r.get("error_needed_bytes") is not None:
@@ -471,7 +473,8 @@ def measure(args) -> dict:
     if args.fold is not None:
         config.model.fold = args.fold
     if args.fold_levels is not None:
-        config.model.fold_levels = args.fold_levels
+        with config.ignore_type():  # "auto" in the configs, an int from the remat search
+            config.model.fold_levels = args.fold_levels
     if args.schedule:
         try:
             sched = tuple(int(x) for x in args.schedule.split(","))
@@ -495,7 +498,7 @@ def measure(args) -> dict:
         conv_resolved = conv.resolve_conv_impl(config.model.conv_impl)
         sampler_resolved = spatial.resolve_sampler()
         fold_resolved = model_lib.resolve_fold(config.model.get("fold", "auto"))
-        fold_levels = int(config.model.get("fold_levels", 1))
+        fold_levels = model_lib.resolve_fold_levels(config.model.get("fold_levels", 1))
         fn, fn_args = build_program(config, args.what, mesh, batch)
         t0 = time.perf_counter()
         with sharding.spatial_mesh(mesh):  # feature maps split along X when space > 1
@@ -578,12 +581,27 @@ def measure_remat_auto(args) -> dict:
     if args.what != "train":
         return measure(argparse.Namespace(**{**vars(args), "remat": "none"}))
 
-    def try_mode(mode):
-        r = measure(argparse.Namespace(**{**vars(args), "remat": mode}))
+    from promptreg_jax.train import remat_candidates
+    config = load_config(args.config)
+    fold = args.fold if args.fold is not None else config.model.get("fold", "auto")
+    fold_levels = args.fold_levels or config.model.get("fold_levels", 1)
+    candidates = {label: (m, n) for label, m, n in remat_candidates(
+        dict(fold=fold, fold_levels=fold_levels), TARGETS[args.target].platform)}
+
+    results = {}
+
+    def try_mode(label):
+        m, n = candidates[label]
+        r = results[label] = measure(argparse.Namespace(**{**vars(args), "remat": m,
+                                                            "fold_levels": n}))
         return r["verdict"]["fits"], r["verdict"]["needed"], r
 
-    mode, result, tried, fits = first_fitting(try_mode)
+    mode, result, tried, fits = first_fitting(try_mode, tuple(candidates))
+    if not fits:  # report the program that needs the least
+        mode = min(tried, key=lambda t: float("inf") if t[1] is None else t[1])[0]
+        result = results[mode]
     result["remat_auto"] = [dict(mode=m, needed=n, fits=fits and m == mode) for m, n in tried]
+    result["remat_auto_choice"] = mode
     return result
 
 
@@ -606,9 +624,9 @@ def main(argv=None) -> int:
     p.add_argument("--conv-impl", choices=("auto", "native", "depth_sum"), default=None)
     p.add_argument("--fold", choices=("auto", "0", "8"), default=None,
                    help="Z-fold of the full-resolution maps (model.fold; auto: 8 on TPU)")
-    p.add_argument("--fold-levels", type=int, choices=(1, 2), default=None,
+    p.add_argument("--fold-levels", choices=("auto", "1", "2"), default=None,
                    help="levels folded (model.fold_levels): 1 full resolution, 2 also 1/2 "
-                        "(by fold / 2)")
+                        "(by fold / 2), auto (with remat auto: 2 where 1 does not fit)")
     p.add_argument("--schedule", default=None,
                    help="the decoder's estimates per level, 1/8 to 1 (default: the config's, "
                         "2,2,3,1)")

@@ -169,15 +169,38 @@ def resolve_fold(fold, platform: str | None = None) -> int:
     return k
 
 
-def level_folds(fold: int, fold_levels: int = 1) -> tuple[int, int, int, int]:
+FOLD_LEVELS = (1, 2)
+
+
+def level_folds(fold: int, fold_levels: int | str = 1) -> tuple[int, int, int, int]:
     """The Z-fold of each resolution level (full, 1/2, 1/4, 1/8) for ``model.fold`` (resolved) and
     ``model.fold_levels``: 1 folds the full-resolution level by ``fold``, 2 also the 1/2 level by
     ``fold / 2`` (the channels double as the size halves: 16 x 8 = 32 x 4 = 128 lanes), unfolded
-    where that is below 2. (Folding the 1/4 level by 2 as well crashed libtpu 0.0.42.1's compiler,
-    in its space-to-batch pass on a kernel-gradient conv, so it is not offered.)"""
-    if int(fold_levels) not in (1, 2):
-        raise ValueError(f"fold_levels={fold_levels!r}: use 1 (full resolution) or 2 (also 1/2)")
-    return tuple(fold >> l if l < int(fold_levels) and fold >> l >= 2 else 0 for l in range(4))
+    where that is below 2; ``"auto"`` is the trainer's to resolve (``train.remat_candidates``)
+    and 1 in a network traced by itself. (Folding the 1/4 level by 2 as well crashed libtpu
+    0.0.42.1's compiler, in its space-to-batch pass on a kernel-gradient conv: not offered.)"""
+    n = resolve_fold_levels(fold_levels)
+    return tuple(fold >> l if l < n and fold >> l >= 2 else 0 for l in range(4))
+
+
+def fold_levels_setting(fold_levels):
+    """``model.fold_levels`` as saved in a checkpoint's settings: ``"auto"``, 1 or 2."""
+    resolve_fold_levels(fold_levels)  # raises on a bad value
+    return "auto" if str(fold_levels).strip().lower() == "auto" else int(fold_levels)
+
+
+def resolve_fold_levels(fold_levels) -> int:
+    """``model.fold_levels`` as the number of levels folded (``"auto"`` -> 1)."""
+    if str(fold_levels).strip().lower() == "auto":
+        return 1
+    try:
+        n = int(fold_levels)
+    except (TypeError, ValueError):
+        n = 0
+    if n not in FOLD_LEVELS or isinstance(fold_levels, float) and fold_levels != n:
+        raise ValueError(f"fold_levels={fold_levels!r}: use 1 (full resolution), 2 (also 1/2) or "
+                         f"'auto'")
+    return n
 
 
 def remat_setting(remat):
@@ -215,7 +238,8 @@ class PromptReg(nn.Module):
     ``fold`` (``"auto"``: 8 on TPU, else 0) runs the full-resolution encoder block and decoder
     level on Z-folded maps (``promptreg_jax.fold``: lane-dense on TPU, which pads a 16-channel
     map 8x unfolded), same parameters and numbers; ``fold_levels=2`` also folds the 1/2 level's
-    encoder blocks and decoder level (by ``fold / 2``).
+    encoder blocks and decoder level (by ``fold / 2``; ``"auto"``: the trainer's choice with
+    ``remat="auto"``, else 1).
     ``temperature`` 0.1 is the paper's, 0.5 the code's. ``dtype`` is the conv compute dtype; norms,
     flow heads, flows, warps and losses stay float32. ``remat`` keeps only the inputs of each
     encoder and each decoder level for the backward pass and recomputes them there
@@ -235,7 +259,7 @@ class PromptReg(nn.Module):
     dtype: Any = jnp.float32
     remat: bool | str = False
     fold: int | str = "auto"
-    fold_levels: int = 1
+    fold_levels: int | str = 1
 
     def setup(self):
         # setup() rather than @nn.compact: nn.remat of a level needs submodules bound to self.
@@ -384,7 +408,7 @@ def model_settings(config, num_tasks: int) -> dict:
                 temperature=float(m.temperature), schedule=[int(s) for s in m.schedule],
                 int_steps=int(m.int_steps), conv_impl=m.conv_impl, dtype=m.dtype,
                 remat=remat_setting(m.remat), fold=fold_setting(m.get("fold", "auto")),
-                fold_levels=int(m.get("fold_levels", 1)),
+                fold_levels=fold_levels_setting(m.get("fold_levels", 1)),
                 image_size=[int(s) for s in config.data.image_size])
 
 

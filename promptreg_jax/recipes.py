@@ -52,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "auto"            # recompute in backward: "auto" (least that fits the device,
     #                                   train.choose_remat), "none", "levels" or "blocks" (least memory)
     c.model.fold = "auto"             # Z-fold of the full-res maps: "auto" (8 on TPU), 0 or 8
-    c.model.fold_levels = 1           # levels folded: 1 (full res) or 2 (also 1/2, by fold / 2)
+    c.model.fold_levels = "auto"      # levels folded: 1 (full res), 2 (also 1/2, by fold / 2) or
+    #                                   "auto" (with remat "auto": 2 where 1 does not fit, else 1)
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""                  # folder holding the domain folders; "" -> $PROMPTREG_DATA_ROOT

@@ -32,7 +32,8 @@ from promptreg_jax import memory
 from promptreg_jax.memory import cpu_compiler_options, release_freed_heap
 from promptreg_jax import evaluate_lib, losses, optim, sharding
 from promptreg_jax import data as data_lib
-from promptreg_jax.model import build_model, model_settings, remat_mode, remat_setting
+from promptreg_jax.model import (build_model, model_settings, remat_mode, remat_setting,
+                                 resolve_fold, resolve_fold_levels)
 from promptreg_jax.multihost import min_over_processes, sync_processes
 
 log = logging.getLogger("promptreg_jax.train")
@@ -159,10 +160,14 @@ def choose_remat(settings, tx, schedule, weights, mesh, image_shape, rng, batch_
     memory). Recomputation costs time (XLA:CPU: 1.2-1.3x per step), so it is used only where
     memory needs it.
 
-    Returns a ``RematChoice``: the chosen ``mode``, ``make_train_fns``' result for it (``fns``),
-    its compiled step (``compiled``, called like ``train_step``), ``tried`` (``(mode, needed
-    bytes)`` per mode compiled) and the ``budget`` used. Raises ``memory.DoesNotFitError`` when
-    even ``"blocks"`` does not fit.
+    With ``model.fold_levels="auto"`` on a folded (TPU) network each mode is also compiled with
+    the 1/2 level folded where the full-resolution fold alone does not fit
+    (:func:`remat_candidates`).
+
+    Returns a ``RematChoice``: the chosen ``mode`` and ``fold_levels``, ``make_train_fns``'
+    result for them (``fns``), the compiled step (``compiled``, called like ``train_step``),
+    ``tried`` (``(label, needed bytes)`` per program compiled) and the ``budget`` used. Raises
+    ``memory.DoesNotFitError`` when even ``"blocks"`` does not fit.
     """
     device = mesh.devices.flat[0]
     if budget_bytes is None:
@@ -170,20 +175,39 @@ def choose_remat(settings, tx, schedule, weights, mesh, image_shape, rng, batch_
         if budget_bytes is not None:  # every process must compile the same program
             budget_bytes = min_over_processes("remat_budget", budget_bytes)
     fns = {}
+    candidates = {label: (mode, fl) for label, mode, fl in
+                  remat_candidates(settings, device.platform)}
 
-    def compile_mode(mode):
-        model = build_model(dict(settings, remat=remat_setting(mode)))
-        fns[mode] = make_train_fns(model, tx, schedule, weights, mesh, image_shape, rng)
-        _, step, abstract, state_sharding = fns[mode]
+    def compile_mode(label):
+        mode, fl = candidates[label]
+        model = build_model(dict(settings, remat=remat_setting(mode), fold_levels=fl))
+        fns[label] = make_train_fns(model, tx, schedule, weights, mesh, image_shape, rng)
+        _, step, abstract, state_sharding = fns[label]
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              abstract, state_sharding)
         return step.lower(state, batch_spec).compile()
 
-    modes = memory.REMAT_ORDER if settings.get("name", "promptreg") != "voxelmorph" \
-        else ("none", "levels")  # VoxelMorph checkpoints every block or none
-    mode, compiled, tried = memory.least_recompute(compile_mode, budget_bytes, device.platform,
-                                                   modes)
-    return RematChoice(mode, fns[mode], compiled, tried, budget_bytes)
+    label, compiled, tried = memory.least_recompute(compile_mode, budget_bytes, device.platform,
+                                                    tuple(candidates))
+    mode, fl = candidates[label]
+    return RematChoice(mode, fns[label], compiled, tried, budget_bytes, fl)
+
+
+def remat_candidates(settings: dict, platform: str) -> list[tuple[str, str, int]]:
+    """``(label, remat mode, fold_levels)`` in the order ``model.remat="auto"`` compiles them:
+    least recomputation first (``memory.REMAT_ORDER``; VoxelMorph: none, levels). Where
+    ``model.fold_levels`` is ``"auto"`` and the network is folded on ``platform`` (``model.fold``
+    resolves to > 0: TPU), each mode comes with 1 folded level, then 2 (label ``"<mode>+fold2"``):
+    the 1/2-level fold lowers some programs and raises others (README, "Will it fit an
+    accelerator?"), so it is compiled only where the first does not fit. Elsewhere the labels are
+    the modes and ``fold_levels`` is the configured one ("auto" -> 1)."""
+    if settings.get("name", "promptreg") == "voxelmorph":
+        return [(m, m, 1) for m in ("none", "levels")]  # checkpoints every block or none
+    fl = settings.get("fold_levels", 1)
+    if (str(fl).strip().lower() == "auto"
+            and resolve_fold(settings.get("fold", "auto"), platform) > 0):
+        return [(m if n == 1 else f"{m}+fold2", m, n) for m in memory.REMAT_ORDER for n in (1, 2)]
+    return [(m, m, resolve_fold_levels(fl)) for m in memory.REMAT_ORDER]
 
 
 class RematChoice(NamedTuple):
@@ -192,6 +216,7 @@ class RematChoice(NamedTuple):
     compiled: object
     tried: list
     budget: float | None
+    fold_levels: int = 1
 
 
 def _check_config(config):
@@ -283,9 +308,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         except memory.DoesNotFitError as e:
             raise TrainingError(f"model.remat='auto': {e}") from None
         settings["remat"] = remat_setting(choice.mode)
+        if str(settings.get("fold_levels", 1)).lower() == "auto":
+            settings["fold_levels"] = choice.fold_levels
         compiled_step = choice.compiled
         if is_main:
-            print(f"model.remat='auto' -> {choice.mode!r} (step per device: " + ", ".join(
+            fl = f", fold_levels {choice.fold_levels}" if choice.fold_levels != 1 else ""
+            print(f"model.remat='auto' -> {choice.mode!r}{fl} (step per device: " + ", ".join(
                 f"{m} {memory.fmt_gib(n)}" for m, n in choice.tried)
                 + f"; budget {memory.fmt_gib(choice.budget)})", flush=True)
         init_state, _, abstract, state_sharding = choice.fns

@@ -70,9 +70,26 @@ def test_level_folds():
     assert level_folds(8) == (8, 0, 0, 0) and level_folds(0, 2) == (0, 0, 0, 0)
     assert level_folds(8, 2) == (8, 4, 0, 0) and level_folds(16, 2) == (16, 8, 0, 0)
     assert level_folds(2, 2) == (2, 0, 0, 0)
-    for bad in (0, 3):
+    assert level_folds(8, "auto") == (8, 0, 0, 0) and level_folds(8, "2") == (8, 4, 0, 0)
+    for bad in (0, 3, "x", 1.5):
         with pytest.raises(ValueError, match="fold_levels="):
             level_folds(8, bad)
+
+
+def test_remat_candidates_add_the_half_resolution_fold_only_where_it_can_matter():
+    from promptreg_jax.train import remat_candidates
+    auto = dict(fold="auto", fold_levels="auto")
+    assert remat_candidates(auto, "tpu") == [
+        ("none", "none", 1), ("none+fold2", "none", 2), ("levels", "levels", 1),
+        ("levels+fold2", "levels", 2), ("blocks", "blocks", 1), ("blocks+fold2", "blocks", 2)]
+    plain = [("none", "none", 1), ("levels", "levels", 1), ("blocks", "blocks", 1)]
+    assert remat_candidates(auto, "cpu") == plain  # "auto" folds nothing off TPU
+    assert remat_candidates(dict(auto, fold=0), "tpu") == plain
+    assert remat_candidates(dict(fold=8, fold_levels=1), "tpu") == plain
+    assert remat_candidates(dict(fold=8, fold_levels="2"), "tpu") == [
+        (m, m, 2) for m in ("none", "levels", "blocks")]
+    assert remat_candidates(dict(auto, name="voxelmorph"), "tpu") == [
+        ("none", "none", 1), ("levels", "levels", 1)]
 
 
 def test_resolve_fold():
