@@ -307,9 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   budget)
         except memory.DoesNotFitError as e:
             raise TrainingError(f"model.remat='auto': {e}") from None
-        settings["remat"] = remat_setting(choice.mode)
-        if str(settings.get("fold_levels", 1)).lower() == "auto":
-            settings["fold_levels"] = choice.fold_levels
+        settings.update(remat=remat_setting(choice.mode), fold_levels=choice.fold_levels)
         compiled_step = choice.compiled
         if is_main:
             fl = f", fold_levels {choice.fold_levels}" if choice.fold_levels != 1 else ""
