@@ -21,7 +21,7 @@ own, ``concat([fold(a), fold(b)], -1)``, and ``groups`` gives their unfolded cha
 
 ``promptreg_jax.model.PromptReg(fold=8)`` runs its full-resolution layers this way
 (``model.fold``; ``"auto"`` folds on TPU only, where it pays; XLA:CPU's own conv forms are faster
-unfolded).
+unfolded), and with ``fold_levels=2`` its 1/2-resolution layers by ``fold / 2``.
 """
 
 from __future__ import annotations

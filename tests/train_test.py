@@ -102,7 +102,9 @@ def test_resume_is_bit_identical(tmp_path, capsys):
     # budget, so the trainer keeps it and saves the mode it chose.
     assert "model.remat='auto' -> 'none' (step per device: none " in capsys.readouterr().out
     from promptreg_jax import checkpoint as ckpt_lib
-    assert ckpt_lib.load_params(tmp_path / "a")[1]["model"]["remat"] is False
+    saved = ckpt_lib.load_params(tmp_path / "a")[1]["model"]
+    assert saved["remat"] is False
+    assert saved["fold_levels"] == 1  # "auto" resolved: nothing is folded on the CPU
     first = train.train_and_evaluate(tiny_config(tmp_path, stop_at_step=2), tmp_path / "b")
     assert first["step"] == 2 and first["eval"] == {}
     resumed = train.train_and_evaluate(tiny_config(tmp_path), tmp_path / "b")
