@@ -365,8 +365,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- Logging
     writer = None
     if is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(str(workdir / "tensorboard"))
+        try:
+            from tensorboardX import SummaryWriter
+            writer = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # a declared dependency, but training needs none of it
+            log.warning("tensorboardX is not installed (pip install tensorboardX): no TensorBoard "
+                        "logs; the progress bar and final_metrics.json still report the run")
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     predict = evaluate_lib.predict_fn(model)
 

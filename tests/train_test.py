@@ -1,6 +1,7 @@
 """Training: sharded step = single-device step, exact resume,
 every config builds, and a tiny run learns."""
 
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +97,7 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     _assert_params_within_adam_cap(p1, p4)
 
 
-def test_resume_is_bit_identical(tmp_path, capsys):
+def test_resume_is_bit_identical(tmp_path, capsys, caplog, monkeypatch):
     straight = train.train_and_evaluate(tiny_config(tmp_path), tmp_path / "a")
     # The configs' model.remat="auto": at 16^3 the step without recomputation fits the CPU
     # budget, so the trainer keeps it and saves the mode it chose.
@@ -107,8 +108,12 @@ def test_resume_is_bit_identical(tmp_path, capsys):
     assert saved["fold_levels"] == 1  # "auto" resolved: nothing is folded on the CPU
     first = train.train_and_evaluate(tiny_config(tmp_path, stop_at_step=2), tmp_path / "b")
     assert first["step"] == 2 and first["eval"] == {}
+    # The resumed run without tensorboardX (as on a machine that lacks it): one warning, the
+    # same numbers.
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
     resumed = train.train_and_evaluate(tiny_config(tmp_path), tmp_path / "b")
     assert resumed["step"] == 4
+    assert "tensorboardX is not installed" in caplog.text
     a, b = _flat(straight["state"]["params"]), _flat(resumed["state"]["params"])
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
