@@ -11,7 +11,8 @@
 # runs the same stages on the CPU, e.g. SIZE=16 DEVICE=cpu as a dry run), LIMIT_SCALE (multiplies
 # every stage's time limit, a decimal; default 1 on a GPU, 4 on a CPU), DEADLINE (seconds: no stage runs past
 # this many seconds after the start, each stage's limit is cut to what is left; default none),
-# PARITY (0 skips the same-loss check of stage 1; default 1).
+# PARITY (0 skips the same-loss check of stage 1; default 1), STAGES (the stages to run, e.g. 3,4,5;
+# default all).
 # Stages, most important first, each under its own time limit so that one slow stage cannot
 # stop the rest: (1) benchmarks/compare_reference.py, training step and inference, port against
 # the authors' code (parity checked at 16^3); (2) benchmarks/run.py training step with
@@ -35,6 +36,8 @@ lim() {
   fi
   echo "$l"
 }
+STAGES=${STAGES:-1,2,3,4,5}
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
@@ -59,24 +62,30 @@ PY
 REF=()
 [ -n "${REFERENCE_DIR:-}" ] && REF=(--reference-dir "$REFERENCE_DIR")
 [ "${PARITY:-1}" = 0 ] && REF+=(--no-parity)
-stamp "1. compare_reference.py: training step and inference at ${S}^3, port and authors' code"
-timeout $(lim 420) "$PY" benchmarks/compare_reference.py ${REF[@]+"${REF[@]}"} --device "$DEV" --sizes "$S" \
-  --modes train,infer --rounds 1 --repeats "$R" --parity-size 16 --child-timeout $(lim 240) \
-  --json "$OUT/compare_$S.json" 2>&1 | tee -a "$LOG"
-# The training step alone in one variant: train_variant LABEL FILE [VAR=VALUE ...] -- [run.py options]
+if want 1; then
+  stamp "1. compare_reference.py: training step and inference at ${S}^3, port and authors' code"
+  timeout $(lim 420) "$PY" benchmarks/compare_reference.py ${REF[@]+"${REF[@]}"} --device "$DEV" \
+    --sizes "$S" --modes train,infer --rounds 1 --repeats "$R" --parity-size 16 \
+    --child-timeout $(lim 240) --json "$OUT/compare_$S.json" 2>&1 | tee -a "$LOG"
+fi
+# The training step alone in one variant, if its stage is wanted:
+#   train_variant STAGE LABEL FILE [VAR=VALUE ...] -- [run.py options]
 train_variant() {
-  local label=$1 file=$2; shift 2
+  want "$1" || return 0
+  local label="$1. $2" file=$3; shift 3
   local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
   stamp "$label"
   env ${envs[@]+"${envs[@]}"} timeout $(lim 240) "$PY" benchmarks/run.py --sizes "$S" --what train \
     --repeats 3 --child-timeout $(lim 230) --json "$OUT/${file}_$S.json" "$@" 2>&1 | tee -a "$LOG"
 }
-train_variant "2. run.py: training step, model.remat=levels" remat -- --remat
-train_variant "3. run.py: training step, bfloat16" bf16 -- --dtype bfloat16
-stamp "4. the trainer end to end: configs/demo.py:tiny (synthetic data written first, 40 steps, Dice)"
-WD=$(mktemp -d)
-timeout $(lim 180) "$PY" -m promptreg_jax.train --config configs/demo.py:tiny --workdir "$WD/run" \
-  --config.data.root="$WD/data" 2>&1 | tee -a "$LOG"
-rm -rf "$WD"
-train_variant "5. run.py: training step, the scatter-add sampler" scatter PROMPTREG_SAMPLER=scatter --
+train_variant 2 "run.py: training step, model.remat=levels" remat -- --remat
+train_variant 3 "run.py: training step, bfloat16" bf16 -- --dtype bfloat16
+if want 4; then
+  stamp "4. the trainer end to end: configs/demo.py:tiny (synthetic data written first, 40 steps, Dice)"
+  WD=$(mktemp -d)
+  timeout $(lim 180) "$PY" -m promptreg_jax.train --config configs/demo.py:tiny --workdir "$WD/run" \
+    --config.data.root="$WD/data" 2>&1 | tee -a "$LOG"
+  rm -rf "$WD"
+fi
+train_variant 5 "run.py: training step, the scatter-add sampler" scatter PROMPTREG_SAMPLER=scatter --
 stamp "done"
