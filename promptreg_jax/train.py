@@ -483,9 +483,33 @@ class _NoProgress:
         pass
 
 
+class _LineProgress:
+    """The progress of a run whose stderr is a file (SLURM, nohup, a TPU VM's log): one line per
+    logged step, ``train 200/30000: loss=0.1234 mind=0.1201 lr=9.9e-05, 2.31 steps/s``, instead
+    of a progress bar's carriage returns."""
+
+    def __init__(self, start, total, file=None):
+        self.n, self.total, self.file = start, total, file or sys.stderr
+        self._t, self._n = time.perf_counter(), start
+
+    def update(self, n):
+        self.n += n
+
+    def set_postfix_str(self, s):
+        now = time.perf_counter()
+        rate = (self.n - self._n) / max(now - self._t, 1e-9)
+        self._t, self._n = now, self.n
+        print(f"train {self.n}/{self.total}: {s}, {rate:.3g} steps/s", file=self.file, flush=True)
+
+    def close(self):
+        pass
+
+
 def _progress(enabled, start, total):
     if not enabled:
         return _NoProgress()
+    if not sys.stderr.isatty():
+        return _LineProgress(start, total)
     from tqdm import tqdm
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                 file=sys.stderr, mininterval=1.0)

@@ -114,6 +114,9 @@ def test_resume_is_bit_identical(tmp_path, capsys, caplog, monkeypatch):
     resumed = train.train_and_evaluate(tiny_config(tmp_path), tmp_path / "b")
     assert resumed["step"] == 4
     assert "tensorboardX is not installed" in caplog.text
+    # stderr is no terminal here: one progress line per logged step, no progress bar.
+    err = capsys.readouterr().err
+    assert "train 4/4: loss=" in err and "\r" not in err
     a, b = _flat(straight["state"]["params"]), _flat(resumed["state"]["params"])
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

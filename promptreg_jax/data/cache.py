@@ -19,8 +19,10 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import threading
+import time
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -172,8 +174,11 @@ class VolumeCache:
                     if key not in seen and not self.has(key):
                         jobs.append((kind, domain, path, frame, size, key))
                     seen.add(key)
+        # A bar on a terminal; where stderr is a file (cluster logs), one line when done.
+        on_tty = sys.stderr.isatty()
         bar = tqdm.tqdm(total=len(jobs), desc="preprocessing volumes", unit="vol",
-                        disable=not progress or not jobs)
+                        disable=not progress or not jobs or not on_tty)
+        t0 = time.perf_counter()
         try:
             if num_workers <= 0:
                 for job in jobs:
@@ -192,6 +197,9 @@ class VolumeCache:
                         raise
         finally:
             bar.close()
+        if progress and jobs and not on_tty:
+            print(f"preprocessed {len(jobs)} volumes in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
         for image, ik, label, lk in sorted(grids):
             preprocess.check_same_grid(image, self.meta(ik)["original_shape"], label,
                                        self.meta(lk)["original_shape"])
