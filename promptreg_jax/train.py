@@ -431,7 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 now = time.perf_counter()
                 last_metrics["steps_per_sec"] = (step - n_last) / max(now - t_last, 1e-9)
                 t_last, n_last = now, step
-                progress.set_postfix_str(_fmt(last_metrics, ("loss", "mind", "lr")))
+                progress.set_postfix_str(_fmt(last_metrics,
+                                              ("loss", "mind", "lr", "steps_per_sec")))
                 if writer is not None:
                     for k, v in last_metrics.items():
                         writer.add_scalar(f"train/{k}", v, step)
@@ -485,21 +486,17 @@ class _NoProgress:
 
 class _LineProgress:
     """The progress of a run whose stderr is a file (SLURM, nohup, a TPU VM's log): one line per
-    logged step, ``train 200/30000: loss=0.1234 mind=0.1201 lr=9.9e-05, 2.31 steps/s``, instead
-    of a progress bar's carriage returns."""
+    logged step, ``train 200/30000: loss=0.1234 mind=0.1201 lr=9.9e-05 steps_per_sec=2.31``,
+    instead of a progress bar's carriage returns."""
 
     def __init__(self, start, total, file=None):
         self.n, self.total, self.file = start, total, file or sys.stderr
-        self._t, self._n = time.perf_counter(), start
 
     def update(self, n):
         self.n += n
 
     def set_postfix_str(self, s):
-        now = time.perf_counter()
-        rate = (self.n - self._n) / max(now - self._t, 1e-9)
-        self._t, self._n = now, self.n
-        print(f"train {self.n}/{self.total}: {s}, {rate:.3g} steps/s", file=self.file, flush=True)
+        print(f"train {self.n}/{self.total}: {s}", file=self.file, flush=True)
 
     def close(self):
         pass
