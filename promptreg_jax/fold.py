@@ -139,6 +139,58 @@ def conv3d_folded(xf, kernel, k: int, groups: Sequence[int] | None = None):
     return y + jnp.concatenate([head, middle, tail], -1)
 
 
+# ``ConvTranspose3d(k=4, stride=2, padding=1)`` per axis: output 2m + a takes input m + a - 1 + t
+# through kernel tap _UP_TAPS[a][t] (t = 0, 1); the taps are PyTorch's, as conv.conv_transpose3d.
+_UP_TAPS = ((3, 1), (2, 0))
+
+
+def _up_selection(planes: int, k: int) -> np.ndarray:
+    """0/1 ``S[e, n, tap]``: input plane ``e - 1`` of a block of ``planes`` (e = 0 and
+    ``planes + 1``: the planes just before and after it) feeds output sub-plane ``n`` of a
+    block of ``k = 2 planes`` through kernel tap ``tap``."""
+    S = np.zeros((planes + 2, k, 4), np.float32)
+    for m in range(planes):
+        for a in range(2):
+            for t in range(2):
+                S[m + a + t, 2 * m + a, _UP_TAPS[a][t]] = 1.0
+    return S
+
+
+def conv_transpose3d_folded(x, kernel, k: int):
+    """``fold(conv.conv_transpose3d(x, kernel), k)`` computed straight into the folded layout.
+
+    ``x (B, X, Y, Z, I)`` (unfolded, half resolution), ``kernel (4, 4, 4, O, I)`` as
+    :func:`promptreg_jax.conv.conv_transpose3d`; returns ``(B, 2X, 2Y, 2Z/k, k O)``. The input is
+    folded by ``k / 2`` (its block of ``k / 2`` planes makes one output block of ``k``) and
+    widened by the plane before and after each block; one stride-1 conv with a 3x3 in-plane
+    kernel gives all four in-plane output parities of a block side by side, which are then
+    interleaved on the two major axes. No array has the O output channels minor-most (a TPU
+    pads a 16-channel map laid out so 8x). It costs multiply-adds: the 3x3 in-plane kernel is
+    2.25x the 2x2 each parity needs and the banded plane coupling 3x, so 6.75x those of the
+    transposed conv itself (at 160^3, c = 16: 113 instead of 16.8 GMAC forward, once per step).
+    """
+    if k % 2 or k < 2:
+        raise ValueError(f"conv_transpose3d_folded needs an even fold, got {k}")
+    B, X, Y, Z, I = x.shape
+    h = k // 2
+    O = kernel.shape[3]
+    if kernel.shape != (4, 4, 4, O, I):
+        raise ValueError(f"kernel {kernel.shape} must be (4, 4, 4, O, {I})")
+    xh = fold(x, h)                                              # (B, X, Y, Z/h, h I)
+    prev = jnp.pad(xh[..., (h - 1) * I:], ((0, 0),) * 3 + ((1, 0), (0, 0)))[:, :, :, :-1]
+    nxt = jnp.pad(xh[..., :I], ((0, 0),) * 3 + ((0, 1), (0, 0)))[:, :, :, 1:]
+    ext = jnp.concatenate([prev, xh, nxt], -1)                   # (B, X, Y, Z/h, (h+2) I)
+    w = jnp.swapaxes(kernel, 3, 4).astype(x.dtype)               # (4, 4, 4, I, O)
+    sxy = jnp.asarray(_up_selection(1, 2)[:, :, :], x.dtype)     # (3 offsets, 2 parities, tap)
+    sz = jnp.asarray(_up_selection(h, k), x.dtype)               # (h + 2, k, tap)
+    wf = jnp.einsum("xyzio,uax,vby,enz->uveiabno", w, sxy, sxy, sz)
+    wf = wf.reshape(3, 3, 1, (h + 2) * I, 4 * k * O)
+    y = lax.conv_general_dilated(ext, wf, (1, 1, 1), ((1, 1), (1, 1), (0, 0)),
+                                 dimension_numbers=_DN)          # (B, X, Y, Z/h, 4 k O)
+    y = y.reshape(B, X, Y, Z // h, 2, 2, k * O).transpose(0, 1, 4, 2, 5, 3, 6)
+    return y.reshape(B, 2 * X, 2 * Y, Z // h, k * O)
+
+
 def instance_norm_folded(xf, k: int, eps: float = 1e-5):
     """``fold(instance_norm(unfold(xf)))``: per sample and channel over all voxels, float32
     statistics, no affine; the result has ``xf``'s dtype."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from promptreg_jax.conv import conv3d, conv_transpose3d
-from promptreg_jax.fold import conv3d_folded, instance_norm_folded
+from promptreg_jax.fold import conv3d_folded, conv_transpose3d_folded, instance_norm_folded
 
 Dtype = Any
 
@@ -97,12 +97,17 @@ class ConvTranspose3D(nn.Module):
     conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    fold: int = 0
 
     @nn.compact
     def __call__(self, x):
+        """``x`` unfolded; with ``fold`` the output is Z-folded (``fold.conv_transpose3d_folded``)."""
         init = torch_uniform(self.features * 4 ** 3)
         kernel = self.param("kernel", init, (4, 4, 4, self.features, x.shape[-1]), self.param_dtype)
         bias = self.param("bias", init, (self.features,), self.param_dtype)
+        if self.fold:
+            y = conv_transpose3d_folded(x.astype(self.dtype), kernel.astype(self.dtype), self.fold)
+            return y + jnp.tile(bias.astype(self.dtype), self.fold)
         y = conv_transpose3d(x.astype(self.dtype), kernel.astype(self.dtype), self.conv_impl)
         return y + bias.astype(self.dtype)
 
@@ -178,13 +183,18 @@ class ResBlock(nn.Module):
 
 
 class UpConvBlock(nn.Module):
-    """ConvTranspose3d k4 s2 p1 -> InstanceNorm -> LeakyReLU(0.1); doubles each spatial size."""
+    """ConvTranspose3d k4 s2 p1 -> InstanceNorm -> LeakyReLU(0.1); doubles each spatial size.
+
+    ``fold``: the output Z-folded (the input stays unfolded), same parameters and numbers."""
     features: int
     negative_slope: float = 0.1
     conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
+    fold: int = 0
 
     @nn.compact
     def __call__(self, x):
-        y = ConvTranspose3D(self.features, self.conv_impl, self.dtype, name="upconv")(x)
-        return nn.leaky_relu(instance_norm(y), self.negative_slope)
+        y = ConvTranspose3D(self.features, self.conv_impl, self.dtype, fold=self.fold,
+                            name="upconv")(x)
+        y = instance_norm_folded(y, self.fold) if self.fold else instance_norm(y)
+        return nn.leaky_relu(y, self.negative_slope)

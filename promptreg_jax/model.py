@@ -285,7 +285,7 @@ class PromptReg(nn.Module):
         for level, f in ((3, 4 * c), (2, 2 * c), (1, c)):
             fz = self._folds[level - 1]
             lf = dict(fold=fz, groups=(f, f, f)) if fz else {}
-            setattr(self, f"upconv{level}", UpConvBlock(f, **kw))
+            setattr(self, f"upconv{level}", UpConvBlock(f, fold=fz, **kw))
             setattr(self, f"cconv_{level}", ConvInsBlocks((3 * f, 3 * f), **bkw, **lf))
             setattr(self, f"dconv{level}", ConvInsBlock(f, fold=fz, **kw))
         for level in (4, 3, 2, 1):
@@ -325,7 +325,7 @@ class PromptReg(nn.Module):
                 cconv(jnp.concatenate([fixed_feat, warped(u), dconv(c)], -1)))
             if self._folded(level + 1):  # the coarser level's features, folded there
                 feat = constrain_spatial(unfold_z(feat, self._folded(level + 1)))
-            d = fo(constrain_spatial(getattr(self, f"upconv{level}")(feat)))
+            d = constrain_spatial(getattr(self, f"upconv{level}")(feat))  # folded where fz
             flow = constrain_spatial(upsample_flow(flow))
             c = constrain_spatial(cconv(jnp.concatenate([fixed_feat, warped(flow), d], -1)))
         w = self._velocity_to_flow(level, c)

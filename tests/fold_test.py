@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from promptreg_jax import fold as F
-from promptreg_jax.conv import conv3d, target_platform
+from promptreg_jax.conv import conv3d, conv_transpose3d, target_platform
 from promptreg_jax.layers import instance_norm
 from promptreg_jax.model import PromptReg, level_folds, resolve_fold
 
@@ -57,6 +57,28 @@ def test_conv3d_folded_rejects_what_it_cannot_do():
         F.conv3d_folded(x, jnp.zeros((2, 2, 2, 3, 3)), 8)
     with pytest.raises(ValueError, match="input channels"):
         F.conv3d_folded(x, jnp.zeros((3, 3, 3, 4, 3)), 8)
+
+
+@pytest.mark.parametrize("fold,shape", [(8, (1, 3, 4, 8, 5)), (4, (2, 4, 3, 6, 3)),
+                                        (2, (1, 2, 2, 3, 2))])
+def test_conv_transpose3d_folded_matches_the_transposed_conv(fold, shape):
+    """Straight into the folded layout: fold(ConvTranspose3d k4 s2 p1), values and gradients."""
+    rng = np.random.default_rng(4)
+    x = _rand(rng, *shape)
+    w = _rand(rng, 4, 4, 4, 3, shape[-1]) * 0.3
+    ref = F.fold(conv_transpose3d(x, w, "native"), fold)
+    got = F.conv_transpose3d_folded(x, w, fold)
+    assert got.shape == ref.shape == (shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3] // fold,
+                                      fold * 3)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
+    t = _rand(rng, *ref.shape)
+    g_ref = jax.grad(lambda x, w: jnp.sum(F.fold(conv_transpose3d(x, w, "native"), fold) * t),
+                     (0, 1))(x, w)
+    g_got = jax.grad(lambda x, w: jnp.sum(F.conv_transpose3d_folded(x, w, fold) * t), (0, 1))(x, w)
+    np.testing.assert_allclose(g_got[0], g_ref[0], atol=5e-5, rtol=1e-5)
+    np.testing.assert_allclose(g_got[1], g_ref[1], atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="even fold"):
+        F.conv_transpose3d_folded(x, w, 3)
 
 
 def test_instance_norm_folded_matches():
