@@ -19,6 +19,10 @@ A folded tensor may hold several maps side by side on its last axis (the decoder
 of fixed features, warped moving features and upsampled features): each *group* is folded on its
 own, ``concat([fold(a), fold(b)], -1)``, and ``groups`` gives their unfolded channel counts.
 
+The transposed conv that brings the 1/2 level's features up (:func:`conv_transpose3d_folded`)
+writes its output folded directly, so the full-resolution level has no unfolded 16-channel map
+in its forward or backward pass.
+
 ``promptreg_jax.model.PromptReg(fold=8)`` runs its full-resolution layers this way
 (``model.fold``; ``"auto"`` folds on TPU only, where it pays; XLA:CPU's own conv forms are faster
 unfolded), and with ``fold_levels=2`` its 1/2-resolution layers by ``fold / 2``.
