@@ -151,7 +151,7 @@ _UP_TAPS = ((3, 1), (2, 0))
 def _up_selection(planes: int, k: int) -> np.ndarray:
     """0/1 ``S[e, n, tap]``: input plane ``e - 1`` of a block of ``planes`` (e = 0 and
     ``planes + 1``: the planes just before and after it) feeds output sub-plane ``n`` of a
-    block of ``k = 2 planes`` through kernel tap ``tap``."""
+    block of ``k = 2 * planes`` through kernel tap ``tap``."""
     S = np.zeros((planes + 2, k, 4), np.float32)
     for m in range(planes):
         for a in range(2):
@@ -185,7 +185,7 @@ def conv_transpose3d_folded(x, kernel, k: int):
     nxt = jnp.pad(xh[..., :I], ((0, 0),) * 3 + ((0, 1), (0, 0)))[:, :, :, 1:]
     ext = jnp.concatenate([prev, xh, nxt], -1)                   # (B, X, Y, Z/h, (h+2) I)
     w = jnp.swapaxes(kernel, 3, 4).astype(x.dtype)               # (4, 4, 4, I, O)
-    sxy = jnp.asarray(_up_selection(1, 2)[:, :, :], x.dtype)     # (3 offsets, 2 parities, tap)
+    sxy = jnp.asarray(_up_selection(1, 2), x.dtype)              # (3 offsets, 2 parities, tap)
     sz = jnp.asarray(_up_selection(h, k), x.dtype)               # (h + 2, k, tap)
     wf = jnp.einsum("xyzio,uax,vby,enz->uveiabno", w, sxy, sxy, sz)
     wf = wf.reshape(3, 3, 1, (h + 2) * I, 4 * k * O)
