@@ -176,3 +176,37 @@ def test_mesh_config_default_and_errors(tmp_path):
     with pytest.raises(train.TrainingError, match="multiple of 8 x space = 32"):
         train.train_and_evaluate(_with_mesh(config, "data=1,space=4"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_folded_model_sharded_along_space_gives_the_one_device_numbers():
+    """The TPU layout (``model.fold=8``: folded convs, norms and transposed conv) under a
+    ``space=2`` mesh: same flow, loss and gradients as on one device, feature maps split on X."""
+    rng = np.random.default_rng(5)
+    size = (1, 32, 16, 16, 1)
+    moving = jnp.asarray(rng.random(size), jnp.float32)
+    fixed = jnp.asarray(rng.random(size), jnp.float32)
+    model = model_lib.PromptReg(channels=4, num_tasks=2, schedule=(1, 1, 1, 1),
+                                conv_impl="native", fold=8)
+    params = model.init(jax.random.key(0), moving, fixed)["params"]
+    params = jax.tree_util.tree_map(lambda p: p * 300 if p.ndim == 5 and p.shape[-1] == 3
+                                    else p, params)   # flows of voxels, not 1e-5
+
+    def loss(p, m, f):
+        out = model.apply({"params": p}, m, f, jnp.array([1]))
+        return jnp.mean((out["warped"] - f) ** 2) + 0.1 * jnp.mean(out["flow"] ** 2), out["flow"]
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    (l1, flow1), g1 = jax.jit(grad_fn)(params, moving, fixed)
+    mesh = sharding.make_mesh({"data": 1, "space": 2}, jax.devices()[:2])
+    vol = jax.sharding.NamedSharding(mesh, P("data", "space"))
+    with sharding.spatial_mesh(mesh):
+        compiled = jax.jit(grad_fn).lower(params, jax.device_put(moving, vol),
+                                          jax.device_put(fixed, vol)).compile()
+    (l2, flow2), g2 = compiled(params, jax.device_put(moving, vol), jax.device_put(fixed, vol))
+    assert float(jnp.abs(flow1).max()) > 0.3
+    np.testing.assert_allclose(flow2, flow1, atol=2e-5)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    _assert_same_gradients(_flat(g1), _flat(g2))
+    # the folded full-resolution maps (B, X, Y, Z / 8, 8 C) are convolved on X / 2 planes
+    full = [s for s in _conv_outputs(compiled.as_text()) if s[2:4] == (16, 2)]
+    assert full and all(s[1] == 16 for s in full), full
