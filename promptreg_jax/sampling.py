@@ -157,23 +157,19 @@ def _volume_grad_cells(coords_Px3, shape, g):
     if C <= _NARROW:  # channel-first: (8 C, cells), scattered along the voxel axis
         cols = (w.T[:, None, :] * g.T[None, :, :]).reshape(8 * C, -1)
         cells = jnp.zeros((8 * C, n_cells), g.dtype).at[:, flat].add(cols.astype(g.dtype))
-        cells = cells.reshape(8, C, X + 1, Y + 1, Z + 1)
-        out = 0.0
-        for corner in range(8):
-            b = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
-            slab = jnp.pad(cells[corner], [(0, 0)] + [(bi, 1 - bi) for bi in b])
-            out = out + slab[:, 1:X + 1, 1:Y + 1, 1:Z + 1]
-        return out.reshape(C, -1).T
+        cells = cells.reshape(2, 2, 2, C, X + 1, Y + 1, Z + 1)   # shifts as in the rows form
+        part = [sum(cells[bx, by, bz, :, :, 1 - by:1 - by + Y, 1 - bz:1 - bz + Z]
+                    for by in range(2) for bz in range(2)) for bx in range(2)]
+        return (part[0][:, 1:X + 1] + part[1][:, 0:X]).reshape(C, -1).T
     rows = (w[:, :, None] * g[:, None, :]).reshape(-1, 8 * C)
     cells = jnp.zeros((n_cells, 8 * C), g.dtype).at[flat].add(rows.astype(g.dtype))
-    cells = cells.reshape(X + 1, Y + 1, Z + 1, 8, C)
-    # Corner b of cell index i (cell i - 1) lands on grid voxel i - 1 + b: padded index i + b.
-    # Static pads and slices, no scatter.
-    out = 0.0
-    for corner in range(8):
-        b = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
-        slab = jnp.pad(cells[..., corner, :], [(bi, 1 - bi) for bi in b] + [(0, 0)])
-        out = out + slab[1:X + 1, 1:Y + 1, 1:Z + 1]
+    cells = cells.reshape(X + 1, Y + 1, Z + 1, 2, 2, 2, C)
+    # Corner b of cell index i (cell i - 1) lands on grid voxel i - 1 + b: cell index i + 1 - b
+    # feeds voxel i. Static slices, no scatter: first the Y and Z shifts (local when X is
+    # sharded), then the two X shifts of the partial sums.
+    part = [sum(cells[:, 1 - by:1 - by + Y, 1 - bz:1 - bz + Z, bx, by, bz]
+                for by in range(2) for bz in range(2)) for bx in range(2)]
+    out = part[0][1:X + 1] + part[1][0:X]
     return out.reshape(-1, C)
 
 
