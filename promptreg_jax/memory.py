@@ -247,10 +247,15 @@ def least_recompute(compile_mode, budget: float | None, platform: str,
     if fits:
         return mode, compiled, tried
     needs = ", ".join(f"remat={m}: {fmt_gib(n)}" for m, n in tried)
+    import os
+    # On accelerators the scatter-add feature warp needs less memory (slower; README, "Will it
+    # fit an accelerator?": the float32 160^3 step fits a v5e chip only with it).
+    sampler = ("" if platform == "cpu" or os.environ.get("PROMPTREG_SAMPLER") else
+               ", $PROMPTREG_SAMPLER=mixed (less memory, a slower backward)")
     raise DoesNotFitError(
         f"the training step does not fit {fmt_gib(budget)} per device ({needs}); use a smaller "
-        f"data.image_size, model.dtype='bfloat16', more devices along train.mesh's space axis, "
-        f"or set train.memory_budget_gib")
+        f"data.image_size, model.dtype='bfloat16', more devices along train.mesh's space axis"
+        f"{sampler}, or set train.memory_budget_gib")
 
 
 def fmt_gib(b) -> str:

@@ -188,13 +188,18 @@ def test_least_recompute_counts_a_refused_tpu_compile_as_not_fitting():
     assert tried[0] == ("none", 30.2 * 2 ** 30) and tried[1][0] == "levels"
 
 
-def test_least_recompute_says_what_each_mode_needs_when_nothing_fits():
+def test_least_recompute_says_what_each_mode_needs_when_nothing_fits(monkeypatch):
     import pytest
+    monkeypatch.delenv("PROMPTREG_SAMPLER", raising=False)
     with pytest.raises(memory.DoesNotFitError) as e:
         memory.least_recompute(lambda m: _FakeCompiled(3 * 2 ** 30), 2 ** 30, "gpu")
     msg = str(e.value)
     assert "\n" not in msg and "does not fit 1.00 GiB per device" in msg
     assert "remat=none: 3.00 GiB, remat=levels: 3.00 GiB, remat=blocks: 3.00 GiB" in msg
+    assert "PROMPTREG_SAMPLER=mixed" in msg   # on an accelerator, the leaner sampler is named
+    with pytest.raises(memory.DoesNotFitError) as e:
+        memory.least_recompute(lambda m: _FakeCompiled(3 * 2 ** 30), 2 ** 30, "cpu")
+    assert "PROMPTREG_SAMPLER" not in str(e.value)
     # another compile error is not a memory verdict: it propagates
     with pytest.raises(ValueError, match="bad shape"):
         memory.least_recompute(lambda m: (_ for _ in ()).throw(ValueError("bad shape")), 1, "cpu")
