@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 
 def release_freed_heap() -> bool:
@@ -57,7 +58,6 @@ def cpu_compiler_options(platform: str | None = None) -> dict:
     ``$PROMPTREG_CPU_SCHEDULER=default``, or a scheduler chosen in ``$XLA_FLAGS``, leaves XLA's
     own choice.
     """
-    import os
     from promptreg_jax.conv import current_platform
     choice = os.environ.get(SCHEDULER_ENV, "memory").strip().lower()
     if choice not in ("memory", "default"):
@@ -104,7 +104,6 @@ def run_measured(cmd, env=None, timeout=None) -> dict:
 
     Call it from a small process: the child's peak also counts the pages it inherited from this
     process before exec (from a 4 GiB parent, a 0.4 GiB child reads 4.1 GiB)."""
-    import os
     import subprocess
     import threading
     import time
@@ -181,7 +180,6 @@ def parse_resource_exhausted(message: str) -> tuple[float | None, float | None]:
 
 def host_available_bytes() -> float:
     """``MemAvailable`` of ``/proc/meminfo`` (free + reclaimable), else the free pages."""
-    import os
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -247,7 +245,6 @@ def least_recompute(compile_mode, budget: float | None, platform: str,
     if fits:
         return mode, compiled, tried
     needs = ", ".join(f"remat={m}: {fmt_gib(n)}" for m, n in tried)
-    import os
     # On accelerators the scatter-add feature warp needs less memory (slower; README, "Will it
     # fit an accelerator?": the float32 160^3 step fits a v5e chip only with it).
     sampler = ("" if platform == "cpu" or os.environ.get("PROMPTREG_SAMPLER") else

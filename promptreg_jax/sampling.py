@@ -157,20 +157,30 @@ def _volume_grad_cells(coords_Px3, shape, g):
     if C <= _NARROW:  # channel-first: (8 C, cells), scattered along the voxel axis
         cols = (w.T[:, None, :] * g.T[None, :, :]).reshape(8 * C, -1)
         cells = jnp.zeros((8 * C, n_cells), g.dtype).at[:, flat].add(cols.astype(g.dtype))
-        cells = cells.reshape(2, 2, 2, C, X + 1, Y + 1, Z + 1)   # shifts as in the rows form
-        part = [sum(cells[bx, by, bz, :, :, 1 - by:1 - by + Y, 1 - bz:1 - bz + Z]
-                    for by in range(2) for bz in range(2)) for bx in range(2)]
-        return (part[0][:, 1:X + 1] + part[1][:, 0:X]).reshape(C, -1).T
+        cells = cells.reshape(2, 2, 2, C, X + 1, Y + 1, Z + 1)
+        out = _shift_sum(cells, lambda bx, by, bz, ys, zs: (bx, by, bz, slice(None), slice(None),
+                                                             ys, zs), shape, axis=1)
+        return out.reshape(C, -1).T
     rows = (w[:, :, None] * g[:, None, :]).reshape(-1, 8 * C)
     cells = jnp.zeros((n_cells, 8 * C), g.dtype).at[flat].add(rows.astype(g.dtype))
     cells = cells.reshape(X + 1, Y + 1, Z + 1, 2, 2, 2, C)
-    # Corner b of cell index i (cell i - 1) lands on grid voxel i - 1 + b: cell index i + 1 - b
-    # feeds voxel i. Static slices, no scatter: first the Y and Z shifts (local when X is
-    # sharded), then the two X shifts of the partial sums.
-    part = [sum(cells[:, 1 - by:1 - by + Y, 1 - bz:1 - bz + Z, bx, by, bz]
-                for by in range(2) for bz in range(2)) for bx in range(2)]
-    out = part[0][1:X + 1] + part[1][0:X]
+    out = _shift_sum(cells, lambda bx, by, bz, ys, zs: (slice(None), ys, zs, bx, by, bz),
+                     shape, axis=0)
     return out.reshape(-1, C)
+
+
+def _shift_sum(cells, key, shape, axis: int):
+    """The grid sum of the 8 corner slabs of a cell-gradient table: ``cells[key(bx, by, bz, ys,
+    zs)]`` is corner ``(bx, by, bz)``'s slab cut to ``ys``, ``zs`` on the Y and Z cell axes, with
+    the X cell axis at ``axis``. Corner b of cell index i (cell i - 1) lands on grid voxel
+    i - 1 + b, so cell index i + 1 - b feeds voxel i. Static slices, no scatter: first the Y and
+    Z shifts (local when X is sharded), then the two X shifts of the partial sums (v5e 160^3, 4
+    chips on space: 15.62 -> 14.64 GiB against 8 shifted slabs)."""
+    X, Y, Z = shape
+    part = [sum(cells[key(bx, by, bz, slice(1 - by, 1 - by + Y), slice(1 - bz, 1 - bz + Z))]
+                for by in range(2) for bz in range(2)) for bx in range(2)]
+    lead = (slice(None),) * axis
+    return part[0][lead + (slice(1, X + 1),)] + part[1][lead + (slice(0, X),)]
 
 
 def _volume_grad_adjoint_gather(displacement_Px3, shape, g):
