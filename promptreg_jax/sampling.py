@@ -26,6 +26,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from promptreg_jax.sharding import active_space_size
+
 
 def identity_grid(shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
     """Voxel coordinates of a grid, ``(*shape, ndim)``; the identity map."""
@@ -99,7 +101,7 @@ def _cells(coords_Px3, shape):
             jnp.stack(dweights, axis=1) * mask[:, None, None])
 
 
-def _cell_table(volume_NxC, shape):
+def _cell_table(volume_NxC, shape, reverse: bool = False):
     """``(cells, 8 C)``: each cell's 8 corner values side by side (zero outside the volume), so
     one gather per point fetches all 8. On TPU this costs no memory over the volume itself (the
     minor dimension is padded to 128 lanes either way) and makes 8x fewer gathered indices."""
@@ -107,7 +109,7 @@ def _cell_table(volume_NxC, shape):
     C = volume_NxC.shape[-1]
     vp = jnp.pad(volume_NxC.reshape(X, Y, Z, C), ((1, 1), (1, 1), (1, 1), (0, 0)))
     slabs = []
-    for corner in range(8):
+    for corner in (range(7, -1, -1) if reverse else range(8)):
         bx, by, bz = (corner >> 2) & 1, (corner >> 1) & 1, corner & 1
         slabs.append(vp[bx:bx + X + 1, by:by + Y + 1, bz:bz + Z + 1])
     return jnp.concatenate(slabs, axis=-1).reshape(-1, 8 * C)
@@ -181,6 +183,106 @@ def _shift_sum(cells, key, shape, axis: int):
                 for by in range(2) for bz in range(2)) for bx in range(2)]
     lead = (slice(None),) * axis
     return part[0][lead + (slice(1, X + 1),)] + part[1][lead + (slice(0, X),)]
+
+
+# On-grid warps of wide volumes (features) with the ``cells`` form run in slabs of the Y axis
+# when their 8-corner rows (points x 8 x C values, per chip of a ``space`` mesh) exceed this: a
+# loop over slabs keeps one slab's rows alive instead of the whole volume's (1.95 GiB for a
+# 16-channel 160^3 float32 warp, which XLA otherwise keeps from the recomputed forward pass to
+# the backward). Y, not X: X is the axis a ``space`` mesh shards, so every chip works on every
+# slab. TPU v5e, 160^3 float32 step, remat=levels: 15.16 -> 14.21 GiB (benchmarks/aot.py).
+_SLAB_BYTES = [1024 * 2**20]
+
+
+def _y_slabs(shape, channels: int, itemsize: int = 4) -> int:
+    """How many Y slabs an on-grid ``cells`` pass over a ``channels``-channel volume uses."""
+    X, Y, Z = shape
+    rows = X * Y * Z * 8 * channels * itemsize // active_space_size()
+    if channels <= _NARROW or rows <= _SLAB_BYTES[0]:
+        return 1
+    return next((k for k in range(2, Y + 1) if Y % k == 0 and rows <= _SLAB_BYTES[0] * k), Y)
+
+
+def _slab(x_PxC, shape, j, yc):
+    """Y slab ``j`` (``yc`` planes) of per-point values on the grid, ``(X yc Z, C)``."""
+    X, Y, Z = shape
+    x = x_PxC.reshape(X, Y, Z, -1)
+    return jax.lax.dynamic_slice_in_dim(x, j * yc, yc, axis=1).reshape(-1, x.shape[-1])
+
+
+def _slab_coords(disp_Px3, shape, j, yc):
+    """Absolute coordinates of Y slab ``j`` of an on-grid displacement."""
+    X, _, Z = shape
+    d = _slab(disp_Px3, shape, j, yc)
+    zero = jnp.zeros((), d.dtype)
+    offset = jnp.stack([zero, (j * yc).astype(d.dtype), zero])
+    return identity_grid((X, yc, Z), d.dtype).reshape(-1, 3) + offset + d
+
+
+def _over_y_slabs(fn, disp_Px3, shape, k, out_channels, dtype):
+    """``fn(j, slab coordinates) -> (slab points, out_channels)`` for the ``k`` Y slabs ``j``,
+    one at a time (a loop), assembled into ``(P, out_channels)``."""
+    X, Y, Z = shape
+    yc = Y // k
+
+    def body(j, out):
+        val = fn(j, _slab_coords(disp_Px3, shape, j, yc)).astype(dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, val.reshape(X, yc, Z, out_channels),
+                                                   j * yc, axis=1)
+
+    out = jax.lax.fori_loop(0, k, body, jnp.zeros((X, Y, Z, out_channels), dtype))
+    return out.reshape(-1, out_channels)
+
+
+def _forward_cells_slabs(volume_NxC, disp_Px3, shape, k):
+    """:func:`_linear_forward_cells` of an on-grid warp, Y slab by Y slab."""
+    table = _cell_table(volume_NxC, shape)
+    C = volume_NxC.shape[-1]
+
+    def fn(j, coords):
+        flat, w, _ = _cells(coords, shape)
+        rows = jnp.take(table, flat, axis=0).reshape(-1, 8, C)
+        return jnp.einsum("pk,pkc->pc", w, rows.astype(w.dtype))
+
+    return _over_y_slabs(fn, disp_Px3, shape, k, C, volume_NxC.dtype)
+
+
+def _coords_grad_cells_slabs(volume_NxC, disp_Px3, shape, k, g):
+    """:func:`_coords_grad_cells` of an on-grid warp, Y slab by Y slab. Its cell table lists
+    the corners in reverse order: a table of its own, built here, where the forward's would be
+    shared by XLA and kept alive from the (recomputed) forward pass to this point."""
+    table = _cell_table(volume_NxC, shape, reverse=True)
+    C = volume_NxC.shape[-1]
+    yc = shape[1] // k
+
+    def fn(j, coords):
+        flat, _, dw = _cells(coords, shape)
+        dw = dw[:, ::-1]
+        rows = jnp.take(table, flat, axis=0).reshape(-1, 8, C)
+        gv = jnp.einsum("pkc,pc->pk", rows.astype(jnp.float32),
+                        _slab(g, shape, j, yc).astype(jnp.float32))
+        return jnp.einsum("pk,pkd->pd", gv, dw)
+
+    return _over_y_slabs(fn, disp_Px3, shape, k, 3, jnp.float32)
+
+
+def _volume_grad_cells_slabs(disp_Px3, shape, k, g):
+    """:func:`_volume_grad_cells` (rows form) of an on-grid warp: the slabs' 8-corner rows
+    scatter-added into one cell table, one slab at a time."""
+    X, Y, Z = shape
+    C = g.shape[-1]
+    yc = Y // k
+
+    def body(j, cells):
+        flat, w, _ = _cells(_slab_coords(disp_Px3, shape, j, yc), shape)
+        rows = (w[:, :, None] * _slab(g, shape, j, yc)[:, None, :]).reshape(-1, 8 * C)
+        return cells.at[flat].add(rows.astype(g.dtype))
+
+    cells = jax.lax.fori_loop(0, k, body, jnp.zeros(((X + 1) * (Y + 1) * (Z + 1), 8 * C), g.dtype))
+    cells = cells.reshape(X + 1, Y + 1, Z + 1, 2, 2, 2, C)
+    out = _shift_sum(cells, lambda bx, by, bz, ys, zs: (slice(None), ys, zs, bx, by, bz),
+                     shape, axis=0)
+    return out.reshape(-1, C)
 
 
 def _volume_grad_adjoint_gather(displacement_Px3, shape, g):
@@ -267,9 +369,13 @@ def _grid_coords(flow_Px3, shape):
 def _sample_linear(volume_NxC, points_Px3, shape, on_grid=False, form="scatter"):
     """Trilinear samples of a flattened ``(N, C)`` volume at ``(P, 3)`` voxel coordinates
     (``on_grid``: at the grid plus these displacements)."""
-    coords = _grid_coords(points_Px3, shape) if on_grid else points_Px3
     if form == "scatter":
+        coords = _grid_coords(points_Px3, shape) if on_grid else points_Px3
         return _linear_forward(volume_NxC, coords, shape)
+    k = _y_slabs(shape, volume_NxC.shape[-1], volume_NxC.dtype.itemsize) if on_grid else 1
+    if k > 1:
+        return _forward_cells_slabs(volume_NxC, points_Px3, shape, k)
+    coords = _grid_coords(points_Px3, shape) if on_grid else points_Px3
     return _linear_forward_cells(volume_NxC, coords, shape)
 
 
@@ -285,10 +391,17 @@ def _sample_linear_bwd(shape, on_grid, form, res, g):
         d_volume, d_coords = _linear_backward(volume_NxC, coords, shape, g)
     else:
         # d coords by gathers; d volume by one scatter (or, on-grid "gather", none). When the
-        # volume is not differentiated (an input image) XLA drops this part entirely.
-        d_coords = _coords_grad_cells(volume_NxC, coords, shape, g)
+        # volume is not differentiated (an input image) XLA drops this part entirely. Wide
+        # on-grid warps go Y slab by Y slab (_y_slabs).
+        k = _y_slabs(shape, volume_NxC.shape[-1], volume_NxC.dtype.itemsize) if on_grid else 1
+        if k > 1:
+            d_coords = _coords_grad_cells_slabs(volume_NxC, points_Px3, shape, k, g)
+        else:
+            d_coords = _coords_grad_cells(volume_NxC, coords, shape, g)
         if form == "gather" and on_grid:
             d_volume = _volume_grad_adjoint_gather(points_Px3, shape, g)
+        elif k > 1:
+            d_volume = _volume_grad_cells_slabs(points_Px3, shape, k, g)
         else:
             d_volume = _volume_grad_cells(coords, shape, g)
         d_volume = d_volume.astype(volume_NxC.dtype)

@@ -119,6 +119,11 @@ def spatial_mesh(mesh):
         _ACTIVE.pop()
 
 
+def active_space_size() -> int:
+    """The ``space`` size of the mesh :func:`spatial_mesh` is tracing for (1 outside it)."""
+    return space_size(_ACTIVE[-1]) if _ACTIVE and _ACTIVE[-1] is not None else 1
+
+
 def constrain_spatial(x):
     """``x (B, X, Y, Z, C)`` constrained to ``P("data", "space")`` under :func:`spatial_mesh`;
     a no-op elsewhere and for arrays whose X does not split evenly."""

@@ -297,6 +297,26 @@ def test_cells_form_equals_scatter_form(shape, channels):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
+def test_cells_form_in_y_slabs_equals_scatter_form(batch, monkeypatch):
+    """A wide on-grid warp past ``_SLAB_BYTES`` runs its cells passes in a loop over Y slabs
+    (the 160^3 feature warp on TPU): values and both gradients as the scatter form."""
+    shape, channels = (6, 10, 5), 16
+    monkeypatch.setattr(sampling, "_SLAB_BYTES", [40_000])
+    assert sampling._y_slabs(shape, channels) == 5 and sampling._y_slabs(shape, 3) == 1
+    img = _rand((batch, *shape, channels), 30)
+    flow = _rand((batch, *shape, 3), 31, 2.5)
+    r = _rand((batch, *shape, channels), 32)
+    fn = lambda a, b: jnp.sum(W.warp(a, b) * r)
+    with W.use_sampler("cells"):
+        hlo = jax.jit(jax.value_and_grad(fn, (0, 1))).lower(img, flow).as_text(dialect="hlo")
+    assert hlo.count(" while(") == 3  # forward, coordinate gradient, image gradient
+    (v0, g0), (v1, g1) = (_grads(fn, (img, flow), s, (0, 1)) for s in ("scatter", "cells"))
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.max(jnp.abs(b))) + 1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
 def test_cells_form_integrate_gradient_equals_scatter_form(batch):
     """The accelerator form's squaring loop (channel-first carry, one-residual self-warp) equals
     today's loop in value and gradient."""
