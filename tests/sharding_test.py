@@ -216,7 +216,7 @@ def test_cells_warp_in_y_slabs_sharded_along_space_gives_the_one_device_numbers(
     """The accelerators' feature warp in Y slabs (``sampling._y_slabs``, counted per chip of
     the ``space`` axis) on a ``space=2`` mesh: the scatter form's value and gradients."""
     from promptreg_jax import sampling, spatial
-    monkeypatch.setattr(sampling, "_SLAB_BYTES", [30_000])
+    monkeypatch.setattr(sampling, "_SLAB_BYTES", {"cpu": 30_000})
     rng = np.random.default_rng(6)
     img = jnp.asarray(rng.normal(size=(1, 8, 10, 6, 16)), jnp.float32)
     flow = jnp.asarray(rng.normal(0, 2.5, (1, 8, 10, 6, 3)), jnp.float32)

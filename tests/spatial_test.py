@@ -10,7 +10,7 @@ import pytest
 
 from conftest import channels_last, load_fixture
 # The package re-exports the function `warp`, so fetch the module itself.
-from promptreg_jax import sampling
+from promptreg_jax import conv, sampling
 from promptreg_jax import spatial as W
 
 TOL = 2e-5  # float32 round-off on values of order 1-5
@@ -301,8 +301,13 @@ def test_cells_form_in_y_slabs_equals_scatter_form(batch, monkeypatch):
     """A wide on-grid warp past ``_SLAB_BYTES`` runs its cells passes in a loop over Y slabs
     (the 160^3 feature warp on TPU): values and both gradients as the scatter form."""
     shape, channels = (6, 10, 5), 16
-    monkeypatch.setattr(sampling, "_SLAB_BYTES", [40_000])
+    monkeypatch.setattr(sampling, "_SLAB_BYTES", {"cpu": 40_000})
     assert sampling._y_slabs(shape, channels) == 5 and sampling._y_slabs(shape, 3) == 1
+    monkeypatch.setattr(sampling, "_SLAB_BYTES", {"tpu": 2**30, "cpu": 40_000})
+    with conv.target_platform("tpu"):   # the 160^3 feature warp: 1.95 GiB of rows, 2 slabs
+        assert sampling._y_slabs((160,) * 3, 16) == 2 and sampling._y_slabs((160,) * 3, 16, 2) == 1
+    with conv.target_platform("gpu"):
+        assert sampling._y_slabs((160,) * 3, 16) == 1
     img = _rand((batch, *shape, channels), 30)
     flow = _rand((batch, *shape, 3), 31, 2.5)
     r = _rand((batch, *shape, channels), 32)
