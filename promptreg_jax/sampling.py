@@ -121,19 +121,22 @@ def _cell_table(volume_NxC, shape, reverse: bool = False):
 _NARROW = 4
 
 
-def _corner_values(volume_NxC, flat, shape):
-    """The 8 corner values of each point's cell, ``(P, 8, C)``, by one gather."""
+def _corner_values(volume_NxC, flat, shape, table=None):
+    """The 8 corner values of each point's cell, ``(P, 8, C)``, by one gather (from ``table``,
+    the volume's ``_cell_table``, where given)."""
     C = volume_NxC.shape[-1]
+    if table is not None:
+        return jnp.take(table, flat, axis=0).reshape(-1, 8, C)
     if C <= _NARROW:
         table = _cell_table_cf(volume_NxC.T, shape)                       # (8 C, cells)
         return jnp.moveaxis(jnp.take(table, flat, axis=1).reshape(8, C, -1), -1, 0)
     return jnp.take(_cell_table(volume_NxC, shape), flat, axis=0).reshape(-1, 8, C)
 
 
-def _linear_forward_cells(volume_NxC, coords_Px3, shape):
+def _linear_forward_cells(volume_NxC, coords_Px3, shape, table=None):
     """Trilinear samples with one gather of 8-corner values per point (the cell table)."""
     flat, w, _ = _cells(coords_Px3, shape)
-    rows = _corner_values(volume_NxC, flat, shape)
+    rows = _corner_values(volume_NxC, flat, shape, table)
     out = jnp.einsum("pk,pkc->pc", w, rows.astype(w.dtype))
     return out.astype(volume_NxC.dtype)
 
@@ -241,14 +244,8 @@ def _over_y_slabs(fn, disp_Px3, shape, k, out_channels, dtype):
 def _forward_cells_slabs(volume_NxC, disp_Px3, shape, k):
     """:func:`_linear_forward_cells` of an on-grid warp, Y slab by Y slab."""
     table = _cell_table(volume_NxC, shape)
-    C = volume_NxC.shape[-1]
-
-    def fn(j, coords):
-        flat, w, _ = _cells(coords, shape)
-        rows = jnp.take(table, flat, axis=0).reshape(-1, 8, C)
-        return jnp.einsum("pk,pkc->pc", w, rows.astype(w.dtype))
-
-    return _over_y_slabs(fn, disp_Px3, shape, k, C, volume_NxC.dtype)
+    fn = lambda j, coords: _linear_forward_cells(volume_NxC, coords, shape, table)
+    return _over_y_slabs(fn, disp_Px3, shape, k, volume_NxC.shape[-1], volume_NxC.dtype)
 
 
 def _coords_grad_cells_slabs(volume_NxC, disp_Px3, shape, k, g):
