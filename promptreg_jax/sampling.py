@@ -189,13 +189,14 @@ def _shift_sum(cells, key, shape, axis: int):
 
 
 # On-grid warps of wide volumes (features) with the ``cells`` form run in slabs of the Y axis
-# on a TPU when their 8-corner rows (points x 8 x C values, per chip of a ``space`` mesh)
-# exceed the platform's figure here: a loop over slabs keeps one slab's rows alive instead of
-# the whole volume's (1.95 GiB for a 16-channel 160^3 float32 warp, which XLA otherwise keeps
-# from the recomputed forward pass to the backward). Y, not X: X is the axis a ``space`` mesh
-# shards, so every chip works on every slab. Measured with benchmarks/aot.py at 160^3: v5e,
-# float32, remat=levels 15.16 -> 14.21 GiB; a T4 description, float32 11.25 -> 11.38 GiB
-# (so GPUs, whose arrays are not tiled to 128 lanes, keep the single pass).
+# on a single TPU chip when their 8-corner rows (points x 8 x C values) exceed the platform's
+# figure here: a loop over slabs keeps one slab's rows alive instead of the whole volume's (1.95
+# GiB for a 16-channel 160^3 float32 warp, which XLA otherwise keeps from the recomputed forward
+# pass to the backward). Measured with benchmarks/aot.py: v5e, 160^3 float32, remat=levels
+# 15.16 -> 14.21 GiB (the full compile fits: 12.89); a T4 description, 160^3 float32 11.25 ->
+# 11.38 GiB, so GPUs, whose arrays are not tiled to 128 lanes, keep the single pass; v5e:2x2
+# with space=4, 256^3 float32 levels 87.70 -> 94.74 GiB, so a space-sharded step keeps it too
+# (each chip's warp reads the whole volume's table there).
 _SLAB_BYTES = {"tpu": 1024 * 2**20}
 
 
@@ -204,8 +205,8 @@ def _y_slabs(shape, channels: int, itemsize: int = 4) -> int:
     from promptreg_jax.conv import current_platform
     limit = _SLAB_BYTES.get(current_platform())
     X, Y, Z = shape
-    rows = X * Y * Z * 8 * channels * itemsize // active_space_size()
-    if limit is None or channels <= _NARROW or rows <= limit:
+    rows = X * Y * Z * 8 * channels * itemsize
+    if limit is None or channels <= _NARROW or rows <= limit or active_space_size() > 1:
         return 1
     return next((k for k in range(2, Y + 1) if Y % k == 0 and rows <= limit * k), Y)
 

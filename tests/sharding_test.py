@@ -211,25 +211,3 @@ def test_folded_model_sharded_along_space_gives_the_one_device_numbers():
     full = [s for s in _conv_outputs(compiled.as_text()) if s[2:4] == (16, 2)]
     assert full and all(s[1] == 16 for s in full), full
 
-
-def test_cells_warp_in_y_slabs_sharded_along_space_gives_the_one_device_numbers(monkeypatch):
-    """The accelerators' feature warp in Y slabs (``sampling._y_slabs``, counted per chip of
-    the ``space`` axis) on a ``space=2`` mesh: the scatter form's value and gradients."""
-    from promptreg_jax import sampling, spatial
-    monkeypatch.setattr(sampling, "_SLAB_BYTES", {"cpu": 30_000})
-    rng = np.random.default_rng(6)
-    img = jnp.asarray(rng.normal(size=(1, 8, 10, 6, 16)), jnp.float32)
-    flow = jnp.asarray(rng.normal(0, 2.5, (1, 8, 10, 6, 3)), jnp.float32)
-    r = jnp.asarray(rng.normal(size=img.shape), jnp.float32)
-    grad_fn = jax.value_and_grad(lambda a, b: jnp.sum(spatial.warp(a, b) * r), (0, 1))
-    with spatial.use_sampler("scatter"):
-        v1, g1 = jax.jit(grad_fn)(img, flow)
-    mesh = sharding.make_mesh({"data": 1, "space": 2}, jax.devices()[:2])
-    vol = jax.sharding.NamedSharding(mesh, P("data", "space"))
-    assert sampling._y_slabs((8, 10, 6), 16) == 10
-    with sharding.spatial_mesh(mesh), spatial.use_sampler("cells"):
-        assert sampling._y_slabs((8, 10, 6), 16) == 5
-        v2, g2 = jax.jit(grad_fn)(jax.device_put(img, vol), jax.device_put(flow, vol))
-    np.testing.assert_allclose(v2, v1, rtol=1e-5)
-    for a, b in zip(g2, g1):
-        np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.max(jnp.abs(b))) + 1e-6)

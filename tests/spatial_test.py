@@ -10,7 +10,7 @@ import pytest
 
 from conftest import channels_last, load_fixture
 # The package re-exports the function `warp`, so fetch the module itself.
-from promptreg_jax import conv, sampling
+from promptreg_jax import conv, sampling, sharding
 from promptreg_jax import spatial as W
 
 TOL = 2e-5  # float32 round-off on values of order 1-5
@@ -308,6 +308,9 @@ def test_cells_form_in_y_slabs_equals_scatter_form(batch, monkeypatch):
         assert sampling._y_slabs((160,) * 3, 16) == 2 and sampling._y_slabs((160,) * 3, 16, 2) == 1
     with conv.target_platform("gpu"):
         assert sampling._y_slabs((160,) * 3, 16) == 1
+    mesh = sharding.make_mesh({"data": 1, "space": 2}, jax.devices()[:2])
+    with sharding.spatial_mesh(mesh):   # a space-sharded step keeps the single pass
+        assert sampling._y_slabs(shape, channels) == 1
     img = _rand((batch, *shape, channels), 30)
     flow = _rand((batch, *shape, 3), 31, 2.5)
     r = _rand((batch, *shape, channels), 32)
