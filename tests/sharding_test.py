@@ -210,4 +210,3 @@ def test_folded_model_sharded_along_space_gives_the_one_device_numbers():
     # the folded full-resolution maps (B, X, Y, Z / 8, 8 C) are convolved on X / 2 planes
     full = [s for s in _conv_outputs(compiled.as_text()) if s[2:4] == (16, 2)]
     assert full and all(s[1] == 16 for s in full), full
-
