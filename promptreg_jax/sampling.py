@@ -252,7 +252,10 @@ def _forward_cells_slabs(volume_NxC, disp_Px3, shape, k):
 def _coords_grad_cells_slabs(volume_NxC, disp_Px3, shape, k, g):
     """:func:`_coords_grad_cells` of an on-grid warp, Y slab by Y slab. Its cell table lists
     the corners in reverse order: a table of its own, built here, where the forward's would be
-    shared by XLA and kept alive from the (recomputed) forward pass to this point."""
+    shared by XLA and kept alive from the (recomputed) forward pass to this point. The body
+    spells out :func:`_coords_grad_cells` instead of calling it: so written, the loop takes the
+    table before the cotangent, and that operand order alone moved the v5e buffer assignment of
+    the 160^3 step by 0.22 GiB (14.21 here, 14.43 the other way)."""
     table = _cell_table(volume_NxC, shape, reverse=True)
     C = volume_NxC.shape[-1]
     yc = shape[1] // k
