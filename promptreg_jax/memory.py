@@ -246,7 +246,7 @@ def least_recompute(compile_mode, budget: float | None, platform: str,
         return mode, compiled, tried
     needs = ", ".join(f"remat={m}: {fmt_gib(n)}" for m, n in tried)
     # On accelerators the scatter-add feature warp needs less memory (slower; README, "Will it
-    # fit an accelerator?": the float32 160^3 step fits a v5e chip only with it).
+    # fit an accelerator?": the 256^3 bfloat16 step over 4 v5e chips fits only with it).
     sampler = ("" if platform == "cpu" or os.environ.get("PROMPTREG_SAMPLER") else
                ", $PROMPTREG_SAMPLER=mixed (less memory, a slower backward)")
     raise DoesNotFitError(

@@ -168,6 +168,12 @@ def _volume_grad_cells(coords_Px3, shape, g):
         return out.reshape(C, -1).T
     rows = (w[:, :, None] * g[:, None, :]).reshape(-1, 8 * C)
     cells = jnp.zeros((n_cells, 8 * C), g.dtype).at[flat].add(rows.astype(g.dtype))
+    return _rows_to_grid(cells, shape, C)
+
+
+def _rows_to_grid(cells, shape, C):
+    """The ``(N, C)`` volume gradient from a ``(cells, 8 C)`` table of scattered corner rows."""
+    X, Y, Z = shape
     cells = cells.reshape(X + 1, Y + 1, Z + 1, 2, 2, 2, C)
     out = _shift_sum(cells, lambda bx, by, bz, ys, zs: (slice(None), ys, zs, bx, by, bz),
                      shape, axis=0)
@@ -284,10 +290,7 @@ def _volume_grad_cells_slabs(disp_Px3, shape, k, g):
         return cells.at[flat].add(rows.astype(g.dtype))
 
     cells = jax.lax.fori_loop(0, k, body, jnp.zeros(((X + 1) * (Y + 1) * (Z + 1), 8 * C), g.dtype))
-    cells = cells.reshape(X + 1, Y + 1, Z + 1, 2, 2, 2, C)
-    out = _shift_sum(cells, lambda bx, by, bz, ys, zs: (slice(None), ys, zs, bx, by, bz),
-                     shape, axis=0)
-    return out.reshape(-1, C)
+    return _rows_to_grid(cells, shape, C)
 
 
 def _volume_grad_adjoint_gather(displacement_Px3, shape, g):
