@@ -19,7 +19,8 @@ network; the network + weight-space IO (``instance_opt.instance_optimize``, ``--
 ``--io-lr``); the network + field IO with the do-no-harm guard (what ``register`` does by default:
 the network's field is field IO's starting point, ``init_mode="warm"``). On request (``--methods``)
 also "network + field IO, compose": the refinement composed with the network's field as it is
-(``init_mode="compose"``, the earlier default). All instance optimisation here is unsupervised
+(``init_mode="compose"``, the earlier default), and "network + field IO, prior": the diffusion
+term on the difference from the network's coarsened field (``init_mode="prior"``). All instance optimisation here is unsupervised
 (images only, no labels), so the test labels only score. Columns: Dice (mean over labels), HD95
 (mm, mean over labels with a finite value), % of voxels with a Jacobian determinant <= 0, SDlogJ
 (the whole field, 2 voxels cropped), SDlogJ fg (over the fixed image's labelled voxels),
@@ -70,7 +71,8 @@ from promptreg_jax.registrar import Registrar  # noqa: E402
 from promptreg_jax.spatial import identity_grid  # noqa: E402
 
 METHODS = ("no registration", "field IO alone", "network", "network + weight IO",
-           "network + field IO", "network + field IO, compose")
+           "network + field IO", "network + field IO, compose", "network + field IO, prior")
+ALT_MODES = {"network + field IO, compose": "compose", "network + field IO, prior": "prior"}
 DEFAULT_METHODS = METHODS[:5]
 NETWORK_METHODS = METHODS[2:]
 COLUMNS = (("dice", "Dice", 3), ("hd95", "HD95 mm", 2), ("folded_pct", "% folded", 3),
@@ -153,9 +155,9 @@ def refine(reg: Registrar, coords, p: dict) -> tuple[np.ndarray, dict]:
 
 
 def run_method(method: str, reg: Registrar, field_io: Registrar, p: dict, io_steps: int,
-               io_lr: float, composer: Registrar | None = None) -> tuple[np.ndarray, float, dict]:
-    """``(coords, seconds, extra)`` of one method on one loaded pair (``composer``: ``reg``'s
-    network with compose-mode field IO, for "network + field IO, compose")."""
+               io_lr: float, alternates: dict | None = None) -> tuple[np.ndarray, float, dict]:
+    """``(coords, seconds, extra)`` of one method on one loaded pair (``alternates``: ``reg``'s
+    network with field IO in another ``init_mode``, by method name, from ``ALT_MODES``)."""
     t = time.perf_counter()
     extra = {}
     if method == "no registration":
@@ -170,8 +172,8 @@ def run_method(method: str, reg: Registrar, field_io: Registrar, p: dict, io_ste
         coords = network_coords(reg, params, p)
     elif method == "network + field IO":
         coords, extra = refine(reg, network_coords(reg, reg.params, p), p)
-    elif method == "network + field IO, compose":
-        coords, extra = refine(composer, network_coords(reg, reg.params, p), p)
+    elif method in ALT_MODES:
+        coords, extra = refine(alternates[method], network_coords(reg, reg.params, p), p)
     else:
         raise ValueError(method)
     return coords, time.perf_counter() - t, extra
@@ -232,9 +234,10 @@ def quality(args, runs, pairs) -> dict:
         fio["smooth"] = args.field_io_smooth
     regs = [Registrar(r["model"], r["params"], r["meta"], field_io=True, guard=True,
                       field_io_options=fio) for r in runs]
-    # The same networks with field IO composed with their field ("network + field IO, compose").
-    composers = [Registrar(r["model"], r["params"], r["meta"], field_io=True, guard=True,
-                           field_io_options=dict(fio, init_mode="compose")) for r in runs]
+    # The same networks with field IO in the other init modes ("network + field IO, compose"...).
+    alternates = [{m: Registrar(r["model"], r["params"], r["meta"], field_io=True, guard=True,
+                                field_io_options=dict(fio, init_mode=mode))
+                   for m, mode in ALT_MODES.items()} for r in runs]
     field_io = Registrar(runs[0]["model"], runs[0]["params"], runs[0]["meta"], field_io=True,
                          guard=False, field_io_options=fio)
     loaded = [load_pair(regs[0], p) for p in pairs]
@@ -247,7 +250,7 @@ def quality(args, runs, pairs) -> dict:
                 continue  # independent of the network: once
             for p in loaded:
                 coords, secs, extra = run_method(method, reg, field_io, p, args.io_steps,
-                                                 args.io_lr, composers[r])
+                                                 args.io_lr, alternates[r])
                 row = dict(score(coords, p), method=method, set=p["set"], run=run["path"],
                            seconds=secs, pair=os.path.basename(p["spec"].moving) + " -> "
                            + os.path.basename(p["spec"].fixed), guard=extra.get("guard", ""))

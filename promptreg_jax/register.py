@@ -4,7 +4,7 @@
         --out DIR [--moving-label L] [--fixed-label L] [--fixed-modality ct|mr]
         [--moving-modality ct|mr] [--fixed-frame N] [--moving-frame N]
         [--io-steps N] [--io-lr 1e-4] [--io-smooth W] [--io-dice W] [--no-field-io]
-        [--field-io-smooth W] [--field-io-max-voxels N] [--field-io-init warm|compose]
+        [--field-io-smooth W] [--field-io-max-voxels N] [--field-io-init warm|compose|prior]
         [--field-io-boundary border|zeros]
         [--no-guard] [--no-qc] [--quiet] [--overwrite] [--allow-older-checkpoint]
     python -m promptreg_jax.register --pairs pairs.csv (--workdir RUN | --checkpoint PATH) --out DIR
@@ -134,7 +134,9 @@ def _parser():
     p.add_argument("--field-io-init", choices=INIT_MODES, default="warm",
                    help="warm (default): the network's field is field IO's starting point and is "
                         "smoothed with it; compose: field IO refines on top of the network's "
-                        "field, which is kept as it is")
+                        "field, which is kept as it is; prior: the starting point, and the "
+                        "diffusion term acts on the difference from its coarse version (keeps "
+                        "the network's large-scale deformation; only as good as the network)")
     p.add_argument("--field-io-boundary", choices=BOUNDARIES, default=None,
                    help="how field IO extends fields past the volume in its squarings: border "
                         "(default: their edge values) or zeros (the network's convention)")

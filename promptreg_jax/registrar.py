@@ -227,7 +227,8 @@ class Registrar:
         mov_n = normalize(moving.data, mmod, self.norm_mode)
         if self.field_io:
             options = dict(self.field_io_options)
-            warm = options.pop("init_mode", "warm") == "warm"
+            mode = options.pop("init_mode", "warm")
+            warm = mode in ("warm", "prior")
             both = f_lab is not None and m_lab is not None
             start = box if warm else coords
             m0 = evaluate_lib.sample_at(mov_n, start, order=1)
@@ -238,7 +239,7 @@ class Registrar:
                 s = evaluate_lib.box_scale(fixed.data.shape, moving.data.shape)
                 u0 = ((coords - box) / s).astype(np.float32)
                 u = np.asarray(field_opt.optimize_field(
-                    m0, fix_n, init_disp=u0, init_mode="warm", **labels, **options))[0]
+                    m0, fix_n, init_disp=u0, init_mode=mode, **labels, **options))[0]
                 coords = box + u * s
             else:
                 w = np.asarray(field_opt.optimize_field(m0, fix_n, **labels, **options))[0]
