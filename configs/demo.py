@@ -35,7 +35,10 @@ def get_config(arg=None):
     config.data.eval_pairs_per_domain = 8
     config.model.channels = 8               # c = 8 instead of 16: a CPU-sized network
     config.optim.lr = 1e-3                  # short run: a larger step than the paper's 1e-4
-    config.train.epochs = 8                 # 8 x 100 pairs = 800 steps
+    # 12 x 100 pairs = 1200 steps: 12-13 minutes for the whole command on 2 idle cores. The
+    # network is far from trained at this length (seed 42, test Dice Abdominal / Brain: 0.56 /
+    # 0.35 after 800 steps, 0.67 / 0.42 after 1200, 0.81 / 0.64 after 2400).
+    config.train.epochs = 12
     config.train.log_every_steps = 10
     config.train.eval_every_steps = 0
     config.train.checkpoint_every_steps = 100

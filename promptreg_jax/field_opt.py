@@ -34,12 +34,15 @@ the working grid; default the first level's control grid, ``levels[0] * field_fa
 resampled to each level's control grid: the network's large-scale deformation costs nothing,
 its fine-scale roughness is not kept, and the result is still ``exp(v)`` (invertible). It helps
 exactly as far as the network's field is right. On the seed-42 demo network's test pairs
-(2026-12-04, 8 per domain, 10 known-field pairs; default ``prior_factor`` 8 / 4, against warm):
-Dice Cardiac 0.862 / 0.887 against 0.845 (the network alone: 0.897), but Brain 0.766 / 0.709
-against 0.880, Abdominal 0.819 / 0.784 against 0.862, Hippocampus 0.753 / 0.739 against 0.764,
-Hip 0.869 / 0.858 against 0.889, known field 0.818 / 0.809 against 0.818, and SDlogJ 0.14-0.33
-against 0.10-0.13. Its MIND was as low or lower than warm's where its Dice was far lower (Brain
-0.0360 against 0.0373), so MIND cannot pick between the two per pair. Not the default.
+(800-step recipe; 2026-12-04, 8 per domain, 10 known-field pairs; default ``prior_factor`` 8 /
+4, against warm): Dice Cardiac 0.862 / 0.887 against 0.845 (the network alone: 0.897), but
+Brain 0.766 / 0.709 against 0.880, Abdominal 0.819 / 0.784 against 0.862, Hippocampus 0.753 /
+0.739 against 0.764, Hip 0.869 / 0.858 against 0.889, known field 0.818 / 0.809 against 0.818,
+and SDlogJ 0.14-0.33 against 0.10-0.13. Its MIND was as low or lower than warm's where its
+Dice was far lower (Brain 0.0360 against 0.0373), so MIND cannot pick between the two per pair.
+Not the default. With the 1200-step networks (three seeds) it beat warm on Cardiac (0.867 /
+0.846) and the known fields (0.826 / 0.814) only; with a 2400-step one it also tied on Abdominal
+and Hip (README, "Registration quality").
 
 **Boundary.** The squarings (and, with ``init_mode="compose"``, the composition) sample fields
 past the volume's edge; there they take the edge values (``boundary="border"``), not 0 as in the
