@@ -20,12 +20,12 @@ network; the network + weight-space IO (``instance_opt.instance_optimize``, ``--
 the network's field is field IO's starting point, ``init_mode="warm"``). On request (``--methods``)
 also "network + field IO, compose": the refinement composed with the network's field as it is
 (``init_mode="compose"``, the earlier default), and "network + field IO, prior": the diffusion
-term on the difference from the network's coarsened field (``init_mode="prior"``). All instance optimisation here is unsupervised
-(images only, no labels), so the test labels only score. Columns: Dice (mean over labels), HD95
-(mm, mean over labels with a finite value), % of voxels with a Jacobian determinant <= 0, SDlogJ
-(the whole field, 2 voxels cropped), SDlogJ fg (over the fixed image's labelled voxels),
-end-point error (voxels; known-field set), the MIND-SSC distance to the fixed image
-(``field_opt.mind_similarity``, lower is better) and seconds per pair (the method's compute after
+term on the difference from the network's coarsened field (``init_mode="prior"``). All instance
+optimisation here is unsupervised (images only, no labels), so the test labels only score.
+Columns: Dice (mean over labels), HD95 (mm, mean over labels with a finite value), % of voxels
+with a Jacobian determinant <= 0, SDlogJ (the whole field, 2 voxels cropped), SDlogJ fg (over
+the fixed image's labelled voxels), end-point error (voxels; known-field set), the MIND-SSC
+distance to the fixed image (``field_opt.mind_similarity``, lower is better) and seconds per pair (the method's compute after
 compilation: each image shape is compiled on an untimed first call). Cells are mean ± std over
 pairs; with several runs (training seeds) the network rows pool the pairs of every run and add ``[±
 std of the per-run means]``.

@@ -215,6 +215,8 @@ class Registrar:
         term smooths the network's field too. With ``"compose"`` the moving image is pulled
         through the network's map first and the refinement ``w`` is composed with it:
         ``y + w + d(y + w)`` (the network's field is kept as it is, roughness included).
+        ``"prior"`` starts as warm does, and the diffusion term acts on the difference from the
+        network's field coarsened (``field_opt``'s ``prior_factor``), which it does not penalise.
         The guard then compares the MIND distance to the fixed image after registration with that
         of no registration and hands back the latter when the registration made it worse.
         Returns the coordinates and ``mind_before``/``mind_after``.
