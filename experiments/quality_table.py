@@ -25,10 +25,10 @@ optimisation here is unsupervised (images only, no labels), so the test labels o
 Columns: Dice (mean over labels), HD95 (mm, mean over labels with a finite value), % of voxels
 with a Jacobian determinant <= 0, SDlogJ (the whole field, 2 voxels cropped), SDlogJ fg (over
 the fixed image's labelled voxels), end-point error (voxels; known-field set), the MIND-SSC
-distance to the fixed image (``field_opt.mind_similarity``, lower is better) and seconds per pair (the method's compute after
-compilation: each image shape is compiled on an untimed first call). Cells are mean ± std over
-pairs; with several runs (training seeds) the network rows pool the pairs of every run and add ``[±
-std of the per-run means]``.
+distance to the fixed image (``field_opt.mind_similarity``, lower is better) and seconds per
+pair (the method's compute after compilation: each image shape is compiled on an untimed first
+call). Cells are mean ± std over pairs; with several runs (training seeds) the network rows pool
+the pairs of every run and add ``[± std of the per-run means]``.
 
 ``--field-io KEY=VALUE`` (repeatable) passes an option to ``field_opt.optimize_field`` for every
 field IO row (e.g. ``smooth=1``, ``steps=(80, 40, 20)``); ``--domains`` keeps only those
