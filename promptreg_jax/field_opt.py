@@ -146,6 +146,7 @@ DEFAULTS = dict(levels=(4, 2, 1), steps=(80, 40, 10), lr=(1.0, 0.5, 0.25), smoot
                 field_factor=2, int_steps=6, dice_weight=1.0, max_voxels=96 ** 3,
                 adam_eps=ADAM_EPS, boundary="border")
 INIT_MODES = ("warm", "compose", "prior")  # register uses warm; the function keeps compose
+WARM_MODES = ("warm", "prior")  # init_disp is the starting velocity; moving enters unwarped
 TRACE_COUNT = {"level": 0}  # incremented each time the level function is traced (tests use it)
 
 
@@ -335,9 +336,12 @@ def optimize_field(moving, fixed, init_disp=None, *, levels=DEFAULTS["levels"],
                              f"grid {shape}")
         mask = jnp.asarray(mask, jnp.float32).reshape(1, *shape, 1)
 
-    warm = init_disp is not None and init_mode in ("warm", "prior")
-    coarse_prior = None
+    warm = init_disp is not None and init_mode in WARM_MODES
     work = working_shape(shape, max_voxels)
+    coarse_prior = None
+    if init_disp is not None and init_mode == "prior":
+        pf = float(prior_factor or levels[0] * field_factor)
+        coarse_prior = resample_flow(init_disp, _scaled(work, pf, floor=4))
     info = {"working_shape": work, "levels": []}
     v = None
     for factor, n_steps, rate in zip(levels, steps, lr):
@@ -351,9 +355,6 @@ def optimize_field(moving, fixed, init_disp=None, *, levels=DEFAULTS["levels"],
         if v is None:  # the first level: from zero, or (warm) from init_disp as the velocity
             v = (resample_flow(init_disp, fshape) if warm else
                  jnp.zeros((1, *fshape, 3), jnp.float32))
-            if init_disp is not None and init_mode == "prior":
-                pf = float(prior_factor or factor * field_factor)
-                coarse_prior = resample_flow(init_disp, _scaled(work, pf, floor=4))
         else:
             v = resample_flow(v, fshape)
         prior = None if coarse_prior is None else resample_flow(coarse_prior, fshape)

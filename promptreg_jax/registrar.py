@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from promptreg_jax import evaluate_lib, metrics
-from promptreg_jax.field_opt import INIT_MODES
+from promptreg_jax.field_opt import INIT_MODES, WARM_MODES
 from promptreg_jax.data.errors import DataError
 from promptreg_jax.instance_opt import DEFAULT_LR
 from promptreg_jax.memory import release_freed_heap
@@ -230,7 +230,7 @@ class Registrar:
         if self.field_io:
             options = dict(self.field_io_options)
             mode = options.pop("init_mode", "warm")
-            warm = mode in ("warm", "prior")
+            warm = mode in WARM_MODES
             both = f_lab is not None and m_lab is not None
             start = box if warm else coords
             m0 = evaluate_lib.sample_at(mov_n, start, order=1)
