@@ -111,11 +111,14 @@ def conv3d(x, kernel, strides: int = 1, padding: Padding = ((1, 1),) * 3,
 #            sums (Cout <= 4, the flow heads);
 #   dx       the forward of dy with the flipped, transposed kernel (stride 1);
 #   dK       per output plane, one (Y*Z, Cin)^T (Y*Z, Cout) matmul per tap, accumulated
-#            ("planes", for planes of >= 256 voxels), else XLA's own gradient of "depth_sum".
+#            ("planes", for planes of >= 256 voxels); where Cout <= 4 < Cin (the flow heads)
+#            instead per chunk of input planes one x^T matmul with every tap's window of the
+#            padded dy side by side ("dy_columns"); else XLA's own gradient of "depth_sum".
 # Only the inputs x and kernel are kept for the backward pass.
 _SMALL_CHANNELS = 4
 _PLANE_VOXELS_FOR_LOOP = 256
 _STACKED_CHUNK_BYTES = 64 * 2 ** 20
+_COLUMNS_CHUNK_BYTES = 8 * 2 ** 20
 
 
 def _mm(a, b, dtype):
@@ -275,12 +278,45 @@ def _kernel_grad_planes(x, dy, kshape, padding):
     return _plane_loop(x, kshape, padding, 1, plane, init)
 
 
+def _kernel_grad_dy_columns(x, dy, kshape, padding):
+    """dK of a stride-1 conv, small Cout: per chunk of *input* planes, every tap's shifted window
+    of the zero-padded ``dy`` side by side (``kx*ky*kz*Cout`` columns), one ``x^T cols`` matmul.
+
+    ``dK[a,b,c] = sum_r x[r] dy[r + lo - (a,b,c)]`` over the input grid ``r`` (``dy`` zero
+    outside its grid), so nothing of ``x`` is copied, and each matmul is ``Cin x 27 Cout`` wide
+    instead of the plane loop's 27 matmuls per plane of width ``Cout`` (3 for a flow head).
+    """
+    kx, ky, kz = kshape
+    B, X, Y, Z, cin = x.shape
+    cout = dy.shape[-1]
+    taps = list(itertools.product(range(kx), range(ky), range(kz)))
+    pad_t = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kshape))
+    dyp = jnp.pad(dy, ((0, 0), *pad_t, (0, 0)))  # dyp[r + k - 1 - a] = dy[r + lo - a]
+    chunk = max(1, min(X, _COLUMNS_CHUNK_BYTES // (B * Y * Z * len(taps) * cout * 4)))
+    chunk = next(c for c in range(chunk, 0, -1) if X % c == 0)
+
+    def body(i, acc):
+        xs = lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1).reshape(-1, cin)
+        w = lax.dynamic_slice_in_dim(dyp, i * chunk, chunk + kx - 1, axis=1)
+        cols = jnp.concatenate([w[:, kx - 1 - a:kx - 1 - a + chunk, ky - 1 - b:ky - 1 - b + Y,
+                                  kz - 1 - c:kz - 1 - c + Z] for a, b, c in taps], axis=-1)
+        return acc + lax.dot_general(xs, cols.reshape(-1, len(taps) * cout),
+                                     (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    g = lax.fori_loop(0, X // chunk, body, jnp.zeros((cin, len(taps) * cout), jnp.float32))
+    return g.reshape(cin, kx, ky, kz, cout).transpose(1, 2, 3, 0, 4)
+
+
 def _kernel_grad(x, dy, kernel, padding, form=None):
     if form is None:  # XLA's own dK is slow on large planes and for 2x2x2 kernels
         big = dy.shape[2] * dy.shape[3] >= _PLANE_VOXELS_FOR_LOOP or min(kernel.shape[:3]) < 3
         form = "planes" if big else "autodiff"
+        if big and kernel.shape[-1] <= _SMALL_CHANNELS < kernel.shape[3]:
+            form = "dy_columns"  # flow heads: 3-10x faster than "planes" (64^3 to 16^3, 48-192 -> 3)
     if form == "planes":
         return _kernel_grad_planes(x, dy, kernel.shape[:3], padding).astype(kernel.dtype)
+    if form == "dy_columns":
+        return _kernel_grad_dy_columns(x, dy, kernel.shape[:3], padding).astype(kernel.dtype)
     return jax.vjp(lambda k: _conv_depth_sum(x, k, 1, padding), kernel)[1](dy)[0]
 
 

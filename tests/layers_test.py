@@ -116,6 +116,7 @@ def test_cpu_conv_custom_vjp_equals_native(cin, cout, k, pad):
 def test_cpu_conv_every_form_equals_native(monkeypatch):
     """Each forward form and each dK form, forced, on one small problem."""
     monkeypatch.setattr(C, "_STACKED_CHUNK_BYTES", 1)  # "depth_stacked" one plane at a time
+    monkeypatch.setattr(C, "_COLUMNS_CHUNK_BYTES", 1)  # "dy_columns" one input plane at a time
     pad = ((1, 0), (1, 1), (0, 1))
     x, kernel = _normal(0, (2, 6, 5, 7, 3)), _normal(1, (3, 3, 3, 3, 4))
     dy = _normal(2, jax.eval_shape(lambda: C.conv3d(x, kernel, 1, pad)).shape)
@@ -126,7 +127,7 @@ def test_cpu_conv_every_form_equals_native(monkeypatch):
                     y_ref) < 1e-5, form
         assert _rel(jax.jit(C._input_grad, static_argnums=(2, 3))(dy, kernel, pad, form),
                     dx_ref) < 1e-5, form
-    for form in ("planes", "autodiff"):
+    for form in ("planes", "dy_columns", "autodiff"):
         assert _rel(jax.jit(C._kernel_grad, static_argnums=(3, 4))(x, dy, kernel, pad, form),
                     dk_ref) < 1e-5, form
 
