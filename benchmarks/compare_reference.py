@@ -341,7 +341,7 @@ def port_child(mode, size, args):
                flops=_xla_flops(compiled), remat=bool(args.remat),
                malloc_trim=bool(args.malloc_trim), clear_caches=bool(args.clear_caches),
                jax=jax.__version__, backend=jax.default_backend(),
-               **device, **aot, **bench.planned_memory(compiled))
+               **device, **aot, **bench.planned_memory(compiled), **bench.program_size(compiled))
     if mode == "train":
         out["loss"] = float(last["loss"])
     if aot:
