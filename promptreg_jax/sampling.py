@@ -31,21 +31,32 @@ from promptreg_jax.sharding import active_space_size
 
 
 # Every index this module gathers or scatters at is in range by construction (clipped corners,
-# cells on the padded cell grid). So gathers use ``mode="clip"``, which lowers to a bare XLA
-# gather (XLA clamps natively), and scatters skip negative-index wrapping: ``jnp.take``'s default
-# ("fill") wraps negative indices and masks out-of-range rows with a select over the gathered
-# values, three times the HLO per gather (8 -> 26 instructions) for nothing. Same numbers. The
-# optimised HLO of the 64^3 training step (c = 16, remat) fell from 152,534 to 120,088
-# instructions with this and to 90,010 with ``_corners``' batched corners; the loaded executable
-# holds about 4 KB of host memory per instruction (README, "Speed and memory").
+# cells on the padded cell grid). So on the CPU and TPU gathers use ``mode="clip"``, which lowers
+# to a bare XLA gather (XLA clamps natively), and scatters skip negative-index wrapping:
+# ``jnp.take``'s default ("fill") wraps negative indices and masks out-of-range rows with a select
+# over the gathered values, three times the HLO per gather (8 -> 26 instructions). Same numbers.
+# Measured: the optimised HLO of the 64^3 CPU training step (c = 16, remat) fell from 152,534 to
+# 120,088 instructions with this and to 90,010 with ``_corners``' batched corners (the loaded
+# executable holds about 4 KB of host memory per instruction: README, "Speed and memory"); TPU
+# v5e, 160^3 float32, ``--remat none --fold-levels 2``: buffer assignment 15.02 -> 14.63 GiB
+# (``levels``: 14.21 both ways). GPUs keep jnp's defaults: with the bare forms a T4 description's
+# 160^3 step needed 11.33 / 7.96 GiB (``none`` / ``levels``) against 11.25 / 7.78.
+_IN_RANGE_PLATFORMS = ("cpu", "tpu")
+
+
+def _in_range_forms() -> bool:
+    from promptreg_jax.conv import current_platform
+    return current_platform() in _IN_RANGE_PLATFORMS
+
+
 def _take(table, flat, axis: int = 0):
     """``jnp.take(table, flat, axis)`` for indices known to be in range."""
-    return jnp.take(table, flat, axis=axis, mode="clip")
+    return jnp.take(table, flat, axis=axis, mode="clip" if _in_range_forms() else None)
 
 
 def _scatter_add(base, index, values):
     """``base.at[index].add(values)`` for non-negative indices known to be in range."""
-    return base.at[index].add(values, wrap_negative_indices=False)
+    return base.at[index].add(values, wrap_negative_indices=not _in_range_forms())
 
 
 def identity_grid(shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
