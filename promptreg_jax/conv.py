@@ -278,6 +278,12 @@ def _kernel_grad_planes(x, dy, kshape, padding):
     return _plane_loop(x, kshape, padding, 1, plane, init)
 
 
+def _transposed_padding(padding, kshape):
+    """The padding of ``dy`` under which a stride-1 conv's transpose is a plain conv:
+    ``(k - 1 - lo, k - 1 - hi)`` per axis (so ``dyp[r + k - 1 - a] = dy[r + lo - a]``)."""
+    return tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kshape))
+
+
 def _kernel_grad_dy_columns(x, dy, kshape, padding):
     """dK of a stride-1 conv, small Cout: per chunk of *input* planes, every tap's shifted window
     of the zero-padded ``dy`` side by side (``kx*ky*kz*Cout`` columns), one ``x^T cols`` matmul.
@@ -290,8 +296,7 @@ def _kernel_grad_dy_columns(x, dy, kshape, padding):
     B, X, Y, Z, cin = x.shape
     cout = dy.shape[-1]
     taps = list(itertools.product(range(kx), range(ky), range(kz)))
-    pad_t = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kshape))
-    dyp = jnp.pad(dy, ((0, 0), *pad_t, (0, 0)))  # dyp[r + k - 1 - a] = dy[r + lo - a]
+    dyp = jnp.pad(dy, ((0, 0), *_transposed_padding(padding, kshape), (0, 0)))
     chunk = max(1, min(X, _COLUMNS_CHUNK_BYTES // (B * Y * Z * len(taps) * cout * 4)))
     chunk = next(c for c in range(chunk, 0, -1) if X % c == 0)
 
@@ -323,8 +328,7 @@ def _kernel_grad(x, dy, kernel, padding, form=None):
 def _input_grad(dy, kernel, padding, form=None):
     """dx of a stride-1 conv = the conv of dy with the flipped kernel, in/out swapped."""
     flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
-    pad_t = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kernel.shape[:3]))
-    return _conv_forward(dy, flipped, pad_t, form)
+    return _conv_forward(dy, flipped, _transposed_padding(padding, kernel.shape[:3]), form)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

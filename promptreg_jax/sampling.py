@@ -74,8 +74,9 @@ def _corners(coords_Px3, shape):
     corner by corner.
 
     Out-of-volume corners get weight 0 (and a clipped, valid index). The indices and weights of
-    all 8 corners are computed at once (arrays of 8 rows): an eighth of the XLA instructions of
-    a loop over corners, the same numbers (multiplying by a sign of +-1 is exact).
+    all 8 corners are computed at once (arrays of 8 rows): one set of operations instead of one
+    per corner (the 64^3 remat step: 120,088 -> 90,010 HLO instructions), the same numbers bit
+    for bit (multiplying by a sign of +-1 is exact).
     """
     lo = jnp.floor(coords_Px3)
     frac = coords_Px3 - lo
